@@ -1,0 +1,4 @@
+fn main() -> std::process::ExitCode {
+    eprintln!("ferry-injector: not implemented yet (see the project's issue tracker)");
+    std::process::ExitCode::from(2)
+}

@@ -1,0 +1,52 @@
+//! Shared support for the workspace's end-to-end tests: finding Istio's conformance data,
+//! locating the built binaries, and (in [`netns`]) network namespaces that clean up after
+//! themselves.
+
+use std::path::{Path, PathBuf};
+
+pub mod netns;
+
+/// `shared/conformance/istio`: `FERRY_CONFORMANCE_DIR` if set, else the first ancestor of this
+/// package that has `shared/conformance/istio`. Panics with the paths it tried: a missing oracle
+/// must fail the run, never skip it.
+pub fn conformance_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("FERRY_CONFORMANCE_DIR") {
+        return PathBuf::from(dir);
+    }
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut tried = Vec::new();
+    for anc in here.ancestors() {
+        let candidate = anc.join("shared/conformance/istio");
+        if candidate.is_dir() {
+            return candidate;
+        }
+        tried.push(candidate.display().to_string());
+    }
+    panic!(
+        "Istio conformance data not found; set FERRY_CONFORMANCE_DIR. Tried:\n{}",
+        tried.join("\n")
+    );
+}
+
+/// Read a conformance file, panicking with its path on failure.
+pub fn read(rel: &str) -> String {
+    let p = conformance_dir().join(rel);
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
+}
+
+/// A binary built from this workspace (`target/<profile>/<name>`), found next to the running test
+/// executable (`target/<profile>/deps/`). Build it first: `cargo build --workspace`.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    let bin = profile_dir.join(name);
+    assert!(
+        bin.exists(),
+        "{} not built; run `cargo build --workspace` (or `cargo test --workspace`, which builds binaries) first",
+        bin.display()
+    );
+    bin
+}

@@ -1,0 +1,1 @@
+//! Network namespaces for privileged tests (filled in below).
