@@ -20,6 +20,8 @@ use crate::spec;
 #[command(
     name = "ferry-init",
     version,
+    // Go's pflag lets a repeated flag override the earlier one; so do we.
+    args_override_self = true,
     about = "Install a pod's traffic-capture rules (drop-in for istio-iptables)",
     long_about = "Install the nat/mangle/raw rules (ISTIO_INBOUND, ISTIO_IN_REDIRECT, ISTIO_REDIRECT, \
 ISTIO_OUTPUT, ...) that send a pod's TCP to the sidecar proxy: outbound to -p (15001), inbound to -z \
@@ -34,65 +36,133 @@ proves that redirection really works (exit 126 with a diagnosis when it does not
 )]
 pub struct Args {
     /// Port the outbound capture redirects to [env: none] [default: 15001]
-    #[arg(short = 'p', long = "envoy-port", value_name = "PORT")]
+    #[arg(
+        short = 'p',
+        long = "envoy-port",
+        value_name = "PORT",
+        allow_hyphen_values = true
+    )]
     pub envoy_port: Option<String>,
     /// Port the inbound capture redirects to [env: INBOUND_CAPTURE_PORT] [default: 15006]
-    #[arg(short = 'z', long = "inbound-capture-port", value_name = "PORT")]
+    #[arg(
+        short = 'z',
+        long = "inbound-capture-port",
+        value_name = "PORT",
+        allow_hyphen_values = true
+    )]
     pub inbound_capture_port: Option<String>,
     /// Tunnel (HBONE) port, never captured inbound [env: INBOUND_TUNNEL_PORT] [default: 15008]
-    #[arg(short = 'e', long = "inbound-tunnel-port", value_name = "PORT")]
+    #[arg(
+        short = 'e',
+        long = "inbound-tunnel-port",
+        value_name = "PORT",
+        allow_hyphen_values = true
+    )]
     pub inbound_tunnel_port: Option<String>,
     /// UID(s) whose traffic is never captured, comma separated [env: PROXY_UID]
     /// [default: uid of $ENVOY_USER (istio-proxy), else 1337]
-    #[arg(short = 'u', long = "proxy-uid", value_name = "UIDS")]
+    #[arg(
+        short = 'u',
+        long = "proxy-uid",
+        value_name = "UIDS",
+        allow_hyphen_values = true
+    )]
     pub proxy_uid: Option<String>,
     /// GID(s) whose traffic is never captured [env: PROXY_GID] [default: the UIDs]
-    #[arg(short = 'g', long = "proxy-gid", value_name = "GIDS")]
+    #[arg(
+        short = 'g',
+        long = "proxy-gid",
+        value_name = "GIDS",
+        allow_hyphen_values = true
+    )]
     pub proxy_gid: Option<String>,
     /// Inbound interception mode: REDIRECT or TPROXY [env: ISTIO_INBOUND_INTERCEPTION_MODE]
     #[arg(
         short = 'm',
         long = "istio-inbound-interception-mode",
-        value_name = "MODE"
+        value_name = "MODE",
+        allow_hyphen_values = true
     )]
     pub mode: Option<String>,
     /// TPROXY packet mark [env: ISTIO_INBOUND_TPROXY_MARK] [default: 1337]
-    #[arg(short = 't', long = "istio-inbound-tproxy-mark", value_name = "MARK")]
+    #[arg(
+        short = 't',
+        long = "istio-inbound-tproxy-mark",
+        value_name = "MARK",
+        allow_hyphen_values = true
+    )]
     pub tproxy_mark: Option<String>,
     /// TPROXY routing table [env: ISTIO_INBOUND_TPROXY_ROUTE_TABLE] [default: 133]
     #[arg(
         short = 'r',
         long = "istio-inbound-tproxy-route-table",
-        value_name = "TABLE"
+        value_name = "TABLE",
+        allow_hyphen_values = true
     )]
     pub tproxy_route_table: Option<String>,
     /// Inbound ports to capture: `*`, a comma list, or empty for none [env: ISTIO_INBOUND_PORTS]
-    #[arg(short = 'b', long = "istio-inbound-ports", value_name = "PORTS")]
+    #[arg(
+        short = 'b',
+        long = "istio-inbound-ports",
+        value_name = "PORTS",
+        allow_hyphen_values = true
+    )]
     pub inbound_ports: Option<String>,
     /// Inbound ports not captured (only with -b '*') [env: ISTIO_LOCAL_EXCLUDE_PORTS]
-    #[arg(short = 'd', long = "istio-local-exclude-ports", value_name = "PORTS")]
+    #[arg(
+        short = 'd',
+        long = "istio-local-exclude-ports",
+        value_name = "PORTS",
+        allow_hyphen_values = true
+    )]
     pub inbound_exclude_ports: Option<String>,
     /// Interfaces whose traffic is never captured [env: ISTIO_EXCLUDE_INTERFACES]
-    #[arg(short = 'c', long = "istio-exclude-interfaces", value_name = "NICS")]
+    #[arg(
+        short = 'c',
+        long = "istio-exclude-interfaces",
+        value_name = "NICS",
+        allow_hyphen_values = true
+    )]
     pub exclude_interfaces: Option<String>,
     /// Outbound destinations to capture: `*`, CIDR list, or empty for none [env: ISTIO_SERVICE_CIDR]
-    #[arg(short = 'i', long = "istio-service-cidr", value_name = "CIDRS")]
+    #[arg(
+        short = 'i',
+        long = "istio-service-cidr",
+        value_name = "CIDRS",
+        allow_hyphen_values = true
+    )]
     pub outbound_ranges: Option<String>,
     /// Outbound destinations never captured [env: ISTIO_SERVICE_EXCLUDE_CIDR]
-    #[arg(short = 'x', long = "istio-service-exclude-cidr", value_name = "CIDRS")]
+    #[arg(
+        short = 'x',
+        long = "istio-service-exclude-cidr",
+        value_name = "CIDRS",
+        allow_hyphen_values = true
+    )]
     pub outbound_exclude_ranges: Option<String>,
     /// Outbound ports always captured [env: ISTIO_OUTBOUND_PORTS]
-    #[arg(short = 'q', long = "istio-outbound-ports", value_name = "PORTS")]
+    #[arg(
+        short = 'q',
+        long = "istio-outbound-ports",
+        value_name = "PORTS",
+        allow_hyphen_values = true
+    )]
     pub outbound_ports: Option<String>,
     /// Outbound ports never captured [env: ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE]
     #[arg(
         short = 'o',
         long = "istio-local-outbound-ports-exclude",
-        value_name = "PORTS"
+        value_name = "PORTS",
+        allow_hyphen_values = true
     )]
     pub outbound_exclude_ports: Option<String>,
     /// Virtual interfaces whose inbound traffic is treated as outbound [env: KUBE_VIRT_INTERFACES]
-    #[arg(short = 'k', long = "kube-virt-interfaces", value_name = "NICS")]
+    #[arg(
+        short = 'k',
+        long = "kube-virt-interfaces",
+        value_name = "NICS",
+        allow_hyphen_values = true
+    )]
     pub kube_virt_interfaces: Option<String>,
     /// Print the iptables-restore input and change nothing [env: DRY_RUN]
     #[arg(short = 'n', long = "dry-run", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
@@ -119,10 +189,18 @@ pub struct Args {
     #[arg(long = "run-validation", alias = "validate", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub run_validation: Option<String>,
     /// Original-destination port the validation probe connects to [default: 15002]
-    #[arg(long = "iptables-probe-port", value_name = "PORT")]
+    #[arg(
+        long = "iptables-probe-port",
+        value_name = "PORT",
+        allow_hyphen_values = true
+    )]
     pub probe_port: Option<String>,
     /// How long validation may take, Go duration syntax (500ms, 5s, 1m) [default: 5s]
-    #[arg(long = "probe-timeout", value_name = "DURATION")]
+    #[arg(
+        long = "probe-timeout",
+        value_name = "DURATION",
+        allow_hyphen_values = true
+    )]
     pub probe_timeout: Option<String>,
     /// Replace existing, different ISTIO_* rules in one atomic transaction
     #[arg(long = "reconcile", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
@@ -137,10 +215,18 @@ pub struct Args {
     #[arg(long = "native-nftables", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub native_nftables: Option<String>,
     /// Use this iptables backend instead of detecting it: legacy or nft
-    #[arg(long = "force-iptables-binary", value_name = "legacy|nft")]
+    #[arg(
+        long = "force-iptables-binary",
+        value_name = "legacy|nft",
+        allow_hyphen_values = true
+    )]
     pub force_iptables_binary: Option<String>,
     /// Istio CNI: network namespace to enter (not supported: run inside the namespace instead)
-    #[arg(long = "network-namespace", value_name = "PATH")]
+    #[arg(
+        long = "network-namespace",
+        value_name = "PATH",
+        allow_hyphen_values = true
+    )]
     pub network_namespace: Option<String>,
     /// Istio CNI mode flag (accepted; has no effect here)
     #[arg(long = "cni-mode", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
@@ -149,7 +235,11 @@ pub struct Args {
     #[arg(long = "iptables-trace-logging", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub trace_logging: Option<String>,
     /// Istio log levels, `scope:level,...` (e.g. default:info)
-    #[arg(long = "log_output_level", value_name = "LEVELS")]
+    #[arg(
+        long = "log_output_level",
+        value_name = "LEVELS",
+        allow_hyphen_values = true
+    )]
     pub log_output_level: Option<String>,
     /// Log as JSON lines
     #[arg(long = "log_as_json", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
@@ -170,7 +260,11 @@ pub struct Args {
     pub resolv_conf: String,
     /// Destination the outbound validation probe connects to (must fall in -i). The default is
     /// TEST-NET-1 (RFC 5737), which no real host uses.
-    #[arg(long = "probe-outbound-ip", value_name = "IP")]
+    #[arg(
+        long = "probe-outbound-ip",
+        value_name = "IP",
+        allow_hyphen_values = true
+    )]
     pub probe_outbound_ip: Option<String>,
     /// Internal: run the validation probe client (used by --run-validation under another UID)
     #[arg(long = "internal-probe-connect", hide = true, value_name = "ADDR")]

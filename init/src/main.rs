@@ -1,5 +1,6 @@
 //! `ferry-init` binary: argv handling (also answers to `istio-iptables`), logging, exit codes.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -46,7 +47,8 @@ fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::new(log_filter(args.log_output_level.as_deref()));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     if json {
         builder.json().init();
     } else {

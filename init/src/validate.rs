@@ -116,10 +116,32 @@ fn listen(addr: SocketAddr, stop: Arc<AtomicBool>, tx: mpsc::Sender<Arrival>) ->
     Ok(())
 }
 
+/// Source address for a probe: the inbound passthrough addresses (127.0.0.6, ::6) are local, and
+/// the kernel would pick them as their own source, which the `-s 127.0.0.6 -o lo -j RETURN` rule
+/// exempts. Bind to ::1 / 127.0.0.1 instead, as Istio's validator does.
+fn probe_source(target: &SocketAddr) -> Option<SocketAddr> {
+    match target.ip() {
+        IpAddr::V4(ip) if ip.is_loopback() => Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
+        IpAddr::V6(ip) if ip == Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6) || ip.is_loopback() => {
+            Some(SocketAddr::from((Ipv6Addr::LOCALHOST, 0)))
+        }
+        _ => None,
+    }
+}
+
 /// The client side, run in-process or as `--internal-probe-connect` under another UID: connect,
 /// send the token, wait for the listener's answer.
 pub fn probe_connect(target: SocketAddr, token: &str, timeout: Duration) -> std::io::Result<()> {
-    let mut s = TcpStream::connect_timeout(&target, timeout)?;
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(target),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    if let Some(src) = probe_source(&target) {
+        sock.bind(&src.into())?;
+    }
+    sock.connect_timeout(&target.into(), timeout)?;
+    let mut s: TcpStream = sock.into();
     s.set_read_timeout(Some(timeout))?;
     s.write_all(token.as_bytes())?;
     s.write_all(b"\n")?;
@@ -136,6 +158,12 @@ fn diagnose(probe: &Probe, err: &str) -> String {
         format!(
             "{t} was reached directly and refused: no rule redirected it to port {}",
             probe.expect_port
+        )
+    } else if e.contains("unreachable") && t.ip().is_loopback()
+        || (e.contains("unreachable") && t.ip() == IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6)))
+    {
+        format!(
+            "{t} is unreachable: the loopback interface is down or has no address (`ip link set lo up`)"
         )
     } else if e.contains("unreachable") {
         format!(
