@@ -56,7 +56,8 @@ pub type Report = Vec<(Family, Action)>;
 /// The backend chosen for each family.
 pub type Backends = BTreeMap<Family, Backend>;
 
-fn classify(inv: &Invocation, out: &Output) -> Error {
+/// Turn a failed iptables call into an error that says what is wrong.
+pub fn classify(inv: &Invocation, out: &Output) -> Error {
     let command = inv.display();
     let stderr = out.stderr.trim().to_owned();
     let lower = stderr.to_lowercase();

@@ -251,6 +251,13 @@ pub struct Args {
     pub log_stacktrace_level: Option<String>,
     #[arg(long = "log_target", hide = true)]
     pub log_target: Option<String>,
+    /// Seconds to wait for the xtables lock held by another iptables user [default: 30]
+    #[arg(
+        long = "xtables-wait",
+        value_name = "SECONDS",
+        allow_hyphen_values = true
+    )]
+    pub xtables_wait: Option<String>,
     /// resolv.conf to read nameservers from when --redirect-dns is on
     #[arg(
         long = "resolv-conf",
@@ -393,6 +400,7 @@ pub struct Config {
     pub force_backend: Option<Backend>,
     pub trace_logging: bool,
     pub resolv_conf: String,
+    pub xtables_wait: u32,
 }
 
 /// One raw value and where it came from, so errors can name the flag or variable.
@@ -823,6 +831,7 @@ impl Config {
                 "false",
             ))?,
             resolv_conf: args.resolv_conf.clone(),
+            xtables_wait: number(r.get(&args.xtables_wait, "--xtables-wait", &[], "30"))?,
         };
         cfg.check_conflicts()?;
         Ok(cfg)

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use crate::config::Backend;
 use crate::rules::Family;
 
-/// How long iptables waits for the xtables lock before failing (seconds).
+/// How long iptables waits for the xtables lock before failing, by default (seconds).
 pub const XTABLES_LOCK_WAIT_SECS: u32 = 30;
 
 /// Which iptables tool of a family.
@@ -112,7 +112,18 @@ pub fn binary(backend: Backend, family: Family, tool: Tool) -> String {
 }
 
 /// Runs the real binaries.
-pub struct SystemRunner;
+pub struct SystemRunner {
+    /// Seconds to wait for the xtables lock (`--wait`).
+    pub lock_wait_secs: u32,
+}
+
+impl Default for SystemRunner {
+    fn default() -> Self {
+        SystemRunner {
+            lock_wait_secs: XTABLES_LOCK_WAIT_SECS,
+        }
+    }
+}
 
 fn run(program: &str, args: &[String], stdin: Option<&str>) -> Result<Output, Error> {
     let mut cmd = Command::new(program);
@@ -151,7 +162,7 @@ fn run(program: &str, args: &[String], stdin: Option<&str>) -> Result<Output, Er
 impl Runner for SystemRunner {
     fn iptables(&self, backend: Backend, inv: &Invocation) -> Result<Output, Error> {
         let program = binary(backend, inv.family, inv.tool);
-        let wait = format!("--wait={XTABLES_LOCK_WAIT_SECS}");
+        let wait = format!("--wait={}", self.lock_wait_secs);
         let args: Vec<String> = match inv.tool {
             Tool::Save => vec![],
             Tool::Restore => vec!["--noflush".into(), wait],

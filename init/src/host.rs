@@ -173,6 +173,36 @@ pub fn configure_routes(cfg: &Config, ipv6: bool, runner: &dyn Runner) -> Result
     Ok(())
 }
 
+/// `--cleanup-only` counterpart of [`configure_routes`]: remove the TPROXY policy rule and route
+/// table, if present. The `::6` address stays: it is harmless and other tools may rely on it.
+pub fn remove_routes(cfg: &Config, ipv6: bool, runner: &dyn Runner) -> Result<(), Error> {
+    if cfg.mode != Mode::Tproxy {
+        return Ok(());
+    }
+    let mark = cfg.tproxy_mark.to_string();
+    let table = cfg.tproxy_route_table.to_string();
+    let families: &[&str] = if ipv6 { &["-4", "-6"] } else { &["-4"] };
+    for fam in families {
+        // `ip rule del` removes one matching rule per call; stop when none is left.
+        for _ in 0..16 {
+            if !ip(
+                runner,
+                &[fam, "rule", "del", "fwmark", &mark, "lookup", &table],
+            )?
+            .success
+            {
+                break;
+            }
+        }
+        ip_must(
+            runner,
+            &[fam, "route", "flush", "table", &table],
+            "does not exist",
+        )?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

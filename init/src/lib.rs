@@ -65,19 +65,33 @@ pub fn select_backend(cfg: &Config, runner: &dyn Runner, family: Family) -> Resu
     if let Some(b) = cfg.force_backend {
         return Ok(b);
     }
-    let save = |b: Backend| runner.iptables(b, &Invocation::save(family));
-    if let Ok(out) = save(Backend::Legacy)
-        && out.success
-        && Saved::parse(&out.stdout).has_rules()
+    let mut denied = None;
+    let mut save = |b: Backend| {
+        let inv = Invocation::save(family);
+        let out = runner.iptables(b, &inv).ok()?;
+        if out.success {
+            return Some(out.stdout);
+        }
+        // A tool that exists but may not read the tables means missing privileges, not a
+        // missing backend: remember it so the error says so.
+        if let apply::Error::Permission { stderr, .. } = apply::classify(&inv, &out) {
+            let command = exec::binary(b, family, exec::Tool::Save);
+            denied.get_or_insert(apply::Error::Permission { command, stderr });
+        }
+        None
+    };
+    if let Some(out) = save(Backend::Legacy)
+        && Saved::parse(&out).has_rules()
     {
         return Ok(Backend::Legacy);
     }
     for b in [Backend::Nft, Backend::Plain] {
-        if let Ok(out) = save(b)
-            && out.success
-        {
+        if save(b).is_some() {
             return Ok(b);
         }
+    }
+    if let Some(e) = denied {
+        return Err(e.into());
     }
     let tried = [Backend::Legacy, Backend::Nft, Backend::Plain]
         .map(|b| exec::binary(b, family, exec::Tool::Save))
@@ -148,6 +162,7 @@ pub fn run(cfg: &Config, facts: &Facts, runner: &dyn Runner) -> Result<Outcome, 
         }
         if cfg.cleanup_only {
             let report = apply::cleanup(&plan, runner, &backends)?;
+            host::remove_routes(cfg, plan.ipv6, runner)?;
             return Ok(Outcome::Cleaned(report));
         }
         let report = apply::apply(&plan, runner, &backends, cfg.reconcile, cfg.force_apply)?;

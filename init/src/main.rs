@@ -68,7 +68,13 @@ fn main() -> ExitCode {
         .map_err(Error::from)
         .and_then(|cfg| {
             let facts = host::detect(&cfg)?;
-            ferry_init::run(&cfg, &facts, &SystemRunner)
+            ferry_init::run(
+                &cfg,
+                &facts,
+                &SystemRunner {
+                    lock_wait_secs: cfg.xtables_wait,
+                },
+            )
         });
     match result {
         Ok(Outcome::DryRun(text)) => {

@@ -209,6 +209,8 @@ impl Drop for Pair {
 pub struct Arrival {
     /// Port of the listener that accepted it.
     pub port: u16,
+    /// Local address of the accepted connection (under TPROXY: the original destination).
+    pub local: Option<SocketAddr>,
     pub token: String,
     /// `SO_ORIGINAL_DST`: the address the client dialled before NAT.
     pub orig_dst: Option<SocketAddr>,
@@ -223,6 +225,15 @@ pub struct Listeners {
 impl Listeners {
     /// Bind each address inside `ns` (IPv6 addresses are v6-only).
     pub fn start(ns: &str, addrs: &[SocketAddr]) -> Listeners {
+        Self::start_with(ns, addrs, false)
+    }
+
+    /// Like [`Listeners::start`], with `IP_TRANSPARENT` set (what a TPROXY listener needs).
+    pub fn start_transparent(ns: &str, addrs: &[SocketAddr]) -> Listeners {
+        Self::start_with(ns, addrs, true)
+    }
+
+    fn start_with(ns: &str, addrs: &[SocketAddr], transparent: bool) -> Listeners {
         let path = format!("/var/run/netns/{ns}");
         let addrs = addrs.to_vec();
         let sockets: Vec<TcpListener> = thread::spawn(move || {
@@ -237,6 +248,13 @@ impl Listeners {
                         s.set_only_v6(true).expect("v6only");
                     }
                     s.set_reuse_address(true).expect("reuseaddr");
+                    if transparent {
+                        if a.is_ipv6() {
+                            s.set_ip_transparent_v6(true).expect("IPV6_TRANSPARENT");
+                        } else {
+                            s.set_ip_transparent_v4(true).expect("IP_TRANSPARENT");
+                        }
+                    }
                     s.bind(&(*a).into())
                         .unwrap_or_else(|e| panic!("bind {a}: {e}"));
                     s.listen(64).expect("listen");
@@ -298,6 +316,7 @@ fn serve(l: TcpListener, tx: mpsc::Sender<Arrival>, stop: Arc<AtomicBool>) {
         let _ = (&s).write_all(format!("port={port}\n").as_bytes());
         let _ = tx.send(Arrival {
             port,
+            local: s.local_addr().ok(),
             token: line.trim().to_owned(),
             orig_dst,
         });

@@ -533,3 +533,131 @@ fn missing_iptables_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn tproxy_rules_routes_and_inbound_delivery() {
+    if !require_root("tproxy_rules_routes_and_inbound_delivery") {
+        return;
+    }
+    let pair = Pair::new(false);
+    let tproxy = ["-m", "TPROXY"];
+    ok(&init(&pair, &tproxy));
+    let mangle = String::from_utf8_lossy(
+        &pair
+            .exec(&pair.pod, &["iptables-nft-save", "-t", "mangle"])
+            .stdout,
+    )
+    .into_owned();
+    assert!(mangle.contains("-j TPROXY --on-port 15006"), "{mangle}");
+    assert!(
+        mangle.contains("-A ISTIO_DIVERT -j MARK --set-xmark 0x539/0xffffffff"),
+        "{mangle}"
+    );
+    let rules = || {
+        String::from_utf8_lossy(&pair.exec(&pair.pod, &["ip", "rule", "show"]).stdout).into_owned()
+    };
+    let table = || {
+        String::from_utf8_lossy(
+            &pair
+                .exec(&pair.pod, &["ip", "route", "show", "table", "133"])
+                .stdout,
+        )
+        .into_owned()
+    };
+    assert_eq!(
+        rules().matches("fwmark 0x539 lookup 133").count(),
+        1,
+        "{}",
+        rules()
+    );
+    assert!(table().contains("local default dev lo"), "{}", table());
+
+    // Idempotent, routes included.
+    let stderr = ok(&init(&pair, &tproxy));
+    assert!(
+        stderr.contains("identical rules already installed"),
+        "{stderr}"
+    );
+    assert_eq!(
+        rules().matches("fwmark 0x539 lookup 133").count(),
+        1,
+        "{}",
+        rules()
+    );
+
+    // Inbound TCP is delivered to a transparent listener on 15006 without NAT: the accepted
+    // socket's local address is the original destination.
+    let listeners = Listeners::start_transparent(&pair.pod, &[sa("0.0.0.0:15006")]);
+    let t = token("tproxy");
+    let dst = format!("{}:9090", pair.pod_ip());
+    let got = connect(&pair, &pair.peer, 0, &dst, &t);
+    let a = listeners
+        .wait_for(&t)
+        .unwrap_or_else(|| panic!("TPROXY inbound never arrived: {got:?}"));
+    assert_eq!((a.port, a.local), (15006, Some(sa(&dst))));
+    assert_eq!(got, Ok("port=15006".to_owned()));
+    drop(listeners);
+
+    ok(&init(&pair, &["-m", "TPROXY", "--cleanup-only"]));
+    let all = pair.save("iptables-nft-save");
+    assert!(
+        !all.contains("ISTIO_") && !all.contains("TPROXY") && !all.contains("CONNMARK"),
+        "{all}"
+    );
+    assert_eq!(rules().matches("lookup 133").count(), 0, "{}", rules());
+    assert!(table().trim().is_empty(), "{}", table());
+}
+
+#[test]
+fn missing_privileges_and_a_held_lock_are_named() {
+    if !require_root("missing_privileges_and_a_held_lock_are_named") {
+        return;
+    }
+    let pair = Pair::new(false);
+    let bin = workspace_bin("ferry-init");
+    let bin = bin.to_str().expect("utf8");
+
+    // Not root (an init container without runAsUser: 0).
+    let mut cmd = vec![bin];
+    cmd.extend_from_slice(&INJECTOR_ARGS[1..]);
+    let out = pair.exec_as(&pair.pod, 1000, &cmd);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("NET_ADMIN"), "{stderr}");
+
+    // Root without NET_ADMIN/NET_RAW (capabilities dropped).
+    let mut cmd = vec![
+        "setpriv",
+        "--bounding-set=-net_admin,-net_raw",
+        "--inh-caps=-net_admin,-net_raw",
+        bin,
+    ];
+    cmd.extend_from_slice(&INJECTOR_ARGS[1..]);
+    let out = pair.exec(&pair.pod, &cmd);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("NET_ADMIN"), "{stderr}");
+
+    // The xtables lock held by someone else (a private lock file, so the host's is untouched).
+    let lock = std::env::temp_dir().join(format!("ferry-xtables-{}.lock", std::process::id()));
+    let lock_env = format!("XTABLES_LOCKFILE={}", lock.display());
+    let mut holder = std::process::Command::new("flock")
+        .args([lock.to_str().expect("utf8"), "sleep", "10"])
+        .spawn()
+        .expect("flock");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut cmd = vec!["env", lock_env.as_str(), bin];
+    cmd.extend_from_slice(&INJECTOR_ARGS[1..]);
+    cmd.extend(["--force-iptables-binary=legacy", "--xtables-wait=1"]);
+    let out = pair.exec(&pair.pod, &cmd);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let _ = std::fs::remove_file(&lock);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("xtables lock"), "{stderr}");
+    assert!(
+        !pair.save("iptables-legacy-save").contains("ISTIO_"),
+        "nothing applied"
+    );
+}
