@@ -103,7 +103,7 @@ impl Tables<'_> {
         match self.save(f) {
             Ok(s) => Ok(s),
             Err(e) if !needed => {
-                debug!(%f, error = %e, "state probe failed for a family that is not in use");
+                debug!(family = %f, error = %e, "state probe failed for a family that is not in use");
                 Ok(Saved::default())
             }
             Err(e) => Err(e),
@@ -155,7 +155,7 @@ impl Tables<'_> {
         let saved = self.save(f)?;
         for (table, fp) in &saved.ours().tables {
             for r in &fp.rules {
-                debug!(%f, table, "-A {} {}", r.chain, r.spec);
+                debug!(family = %f, table, "-A {} {}", r.chain, r.spec);
             }
         }
         Ok(saved)
@@ -219,7 +219,7 @@ pub fn apply(
         let rules = plan.rules(f);
         let result = match decision {
             Decision::Unchanged => {
-                info!(%f, "identical rules already installed; nothing to do");
+                info!(family = %f, "identical rules already installed; nothing to do");
                 Ok(Action::Unchanged)
             }
             Decision::Apply if rules.is_empty() => Ok(Action::Unchanged),
@@ -238,7 +238,7 @@ pub fn apply(
                     Ok(_) => String::new(),
                     Err(e) => format!(" only partly: {e}"),
                 };
-                warn!(%f, error = %cause, "apply failed; rolled back IPv4");
+                warn!(family = %f, error = %cause, "apply failed; rolled back IPv4");
                 return Err(Error::RolledBack {
                     family: f,
                     cause: Box::new(cause),
@@ -283,7 +283,7 @@ pub fn cleanup(plan: &Plan, runner: &dyn Runner, backends: &Backends) -> Result<
         let left = t.save(*f)?.ours();
         if !left.is_empty() {
             // Rules from a different configuration (or an older version): remove them in one go.
-            warn!(%f, tables = ?left.tables.keys().collect::<Vec<_>>(), "removing ISTIO_* rules left by a different configuration");
+            warn!(family = %f, tables = ?left.tables.keys().collect::<Vec<_>>(), "removing ISTIO_* rules left by a different configuration");
             t.restore(*f, state::combined_script(&left, &BTreeMap::new(), None))?;
             let still = t.save(*f)?.ours();
             if !still.is_empty() {
