@@ -220,6 +220,7 @@ pub struct Arrival {
 pub struct Listeners {
     rx: mpsc::Receiver<Arrival>,
     stop: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<()>>,
 }
 
 impl Listeners {
@@ -267,11 +268,14 @@ impl Listeners {
         .expect("listener thread");
         let (tx, rx) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
-        for l in sockets {
-            let (tx, stop) = (tx.clone(), stop.clone());
-            thread::spawn(move || serve(l, tx, stop));
-        }
-        Listeners { rx, stop }
+        let threads = sockets
+            .into_iter()
+            .map(|l| {
+                let (tx, stop) = (tx.clone(), stop.clone());
+                thread::spawn(move || serve(l, tx, stop))
+            })
+            .collect();
+        Listeners { rx, stop, threads }
     }
 
     /// The arrival carrying `token`, if one comes within 3 s.
@@ -289,8 +293,12 @@ impl Listeners {
 }
 
 impl Drop for Listeners {
+    /// Returns only once every socket is closed, so the ports are free for what comes next.
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
     }
 }
 
