@@ -50,6 +50,23 @@ pub enum Action {
     Cleaned { removed: usize, leftovers: bool },
 }
 
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Action::Applied => f.write_str("applied"),
+            Action::Unchanged => f.write_str("already in place, unchanged"),
+            Action::Reconciled => f.write_str("replaced (reconciled)"),
+            Action::Cleaned { removed, leftovers } => {
+                write!(f, "removed ({removed} cleanup commands succeeded")?;
+                if *leftovers {
+                    f.write_str(", plus leftovers of another configuration")?;
+                }
+                f.write_str(")")
+            }
+        }
+    }
+}
+
 /// Per-family results, IPv4 first.
 pub type Report = Vec<(Family, Action)>;
 
@@ -223,7 +240,10 @@ pub fn apply(
                 Ok(Action::Unchanged)
             }
             Decision::Apply if rules.is_empty() => Ok(Action::Unchanged),
-            Decision::Apply => t.restore(f, rules.restore_text()).map(|_| Action::Applied),
+            Decision::Apply => t.restore(f, rules.restore_text()).map(|_| {
+                info!(family = %f, rules = rules.rules().len(), "rules applied in one transaction");
+                Action::Applied
+            }),
             Decision::Reconcile(old) => {
                 let extra = t.present_plain_rules(f, rules)?;
                 let script = state::combined_script(&old, &extra, Some(rules));

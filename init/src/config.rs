@@ -569,7 +569,7 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         total += value * scale;
         rest = tail;
     }
-    Some(Duration::from_secs_f64(total))
+    Duration::try_from_secs_f64(total).ok()
 }
 
 /// `ENVOY_USER`'s UID, else Istio's 1337.

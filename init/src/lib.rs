@@ -105,7 +105,24 @@ pub enum Outcome {
     DryRun(String),
     Applied(apply::Report),
     Cleaned(apply::Report),
+    /// `--skip-rule-apply` (validation only).
     Skipped,
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::DryRun(_) => f.write_str("dry run: nothing changed"),
+            Outcome::Skipped => f.write_str("rules not touched (--skip-rule-apply)"),
+            Outcome::Applied(report) | Outcome::Cleaned(report) => {
+                let parts: Vec<String> = report
+                    .iter()
+                    .map(|(fam, a)| format!("{fam}: {a}"))
+                    .collect();
+                f.write_str(&parts.join("; "))
+            }
+        }
+    }
 }
 
 /// Render what `--dry-run` prints: the restore input (or commands with `--restore-format=false`),

@@ -661,3 +661,52 @@ fn missing_privileges_and_a_held_lock_are_named() {
         "nothing applied"
     );
 }
+
+#[test]
+fn dns_capture_reads_resolv_conf_and_ipv6_follows_the_first_address() {
+    if !require_root("dns_capture_reads_resolv_conf_and_ipv6_follows_the_first_address") {
+        return;
+    }
+    // Both families on eth0, IPv4 listed first: without --dual-stack only IPv4 is programmed.
+    let pair = Pair::new(true);
+    let resolv = std::env::temp_dir().join(format!("ferry-resolv-{}.conf", std::process::id()));
+    std::fs::write(
+        &resolv,
+        "search default.svc.cluster.local\nnameserver 10.96.0.10\noptions ndots:5\n",
+    )
+    .expect("write");
+    let resolv_flag = format!("--resolv-conf={}", resolv.display());
+    ok(&init(&pair, &["--redirect-dns", &resolv_flag]));
+    let _ = std::fs::remove_file(&resolv);
+    let nat = pair.save("iptables-nft-save");
+    assert!(
+        nat.contains("-A ISTIO_OUTPUT_DNS -d 10.96.0.10/32 -p udp -m udp --dport 53 -j REDIRECT --to-ports 15053"),
+        "{nat}"
+    );
+    assert!(
+        nat.contains(
+            "-A ISTIO_OUTPUT_DNS -d 10.96.0.10/32 -p udp -m udp --dport 53 -j CT --zone 2"
+        ),
+        "{nat}"
+    );
+    assert!(
+        !pair.save("ip6tables-nft-save").contains("ISTIO_"),
+        "IPv6 not programmed: first address is IPv4"
+    );
+
+    // A resolv.conf that cannot be read is named.
+    let out = init(
+        &pair,
+        &[
+            "--redirect-dns",
+            "--resolv-conf=/nonexistent/resolv.conf",
+            "--reconcile",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("reading /nonexistent/resolv.conf for --redirect-dns"),
+        "{stderr}"
+    );
+}

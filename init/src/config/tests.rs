@@ -181,4 +181,11 @@ fn go_durations() {
     assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
     assert_eq!(parse_duration("5"), None);
     assert_eq!(parse_duration(""), None);
+    assert_eq!(
+        parse_duration("99999999999999999999999999h"),
+        None,
+        "overflow is an error, not a panic"
+    );
+    assert_eq!(parse_duration("1e3s"), None);
+    assert_eq!(parse_duration("."), None);
 }
