@@ -1,11 +1,23 @@
-//! `ferry-injector`: the mutating admission webhook that adds `istio-init` and `istio-proxy` to
-//! pods. Not built yet (its own issue); this crate only fixes the workspace layout.
+//! `ferry-injector`: Istio-compatible sidecar injection that explains its decisions.
 //!
-//! The injector will reuse `ferry_init::config` to validate the `traffic.sidecar.istio.io/*`
-//! annotations, so it can never emit arguments the init container would reject.
+//! Module map:
+//! - [`config`]: the injector's configuration file (Istio's chart values, validated).
+//! - [`decision`]: Istio's `injectRequired`, returning the rule that decided.
+//! - [`selector`]: Kubernetes label selectors.
+//! - [`webhooks`]: the MutatingWebhookConfiguration's selectors, evaluated like the API server.
+//! - [`annotations`]: the annotations that change injection, validated with `ferry-init`'s parser.
+//! - [`inject`]: the mutation (Istio's `sidecar` template + post-processing), pure.
+//! - [`probes`]: app probe rewriting to the agent port.
+//! - [`proxyconfig`]: ProxyConfig merge, validation and `PROXY_CONFIG` text.
+//! - [`quantity`]: canonical resource quantities.
 
-/// The capture ports the injector excludes from inbound capture by default (`-d`), as Istio does.
-pub fn default_inbound_exclude_ports() -> [u16; 3] {
-    use ferry_init::spec;
-    [spec::PROMETHEUS_PORT, spec::HEALTH_PORT, spec::STATUS_PORT]
-}
+pub mod annotations;
+pub mod config;
+pub mod decision;
+pub mod inject;
+pub mod probes;
+pub mod proxyconfig;
+pub mod quantity;
+pub mod selector;
+pub mod smp;
+pub mod webhooks;

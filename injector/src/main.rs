@@ -1,4 +1,4 @@
 fn main() -> std::process::ExitCode {
-    eprintln!("ferry-injector: not implemented yet (see the project's issue tracker)");
+    eprintln!("ferry-injector: not wired yet");
     std::process::ExitCode::from(2)
 }

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod jsondiff;
 pub mod netns;
 
 /// `shared/conformance/istio`: `FERRY_CONFORMANCE_DIR` if set, else the first ancestor of this
