@@ -634,10 +634,10 @@ pub fn inject(pod: &Pod, cfg: &Config, req: &Request) -> Result<Pod, Error> {
         "resources": resources,
         "volumeMounts": mounts,
     });
-    if cfg.log_as_json {
-        if let Some(a) = proxy["args"].as_array_mut() {
-            a.push(json!("--log_as_json"));
-        }
+    if cfg.log_as_json
+        && let Some(a) = proxy["args"].as_array_mut()
+    {
+        a.push(json!("--log_as_json"));
     }
     if native {
         proxy["restartPolicy"] = json!("Always");
