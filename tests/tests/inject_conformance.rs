@@ -362,3 +362,278 @@ fn invalid_annotations_are_rejected_with_istio_keywords() {
     assert_eq!(errors.len(), 5);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+// === the webhook's HTTP contract, path parameters, probe tables, patches, idempotence ===
+
+use base64::Engine as _;
+use ferry_injector::{probes, webhook};
+
+fn review_body(api_version: &str, uid: &str, namespace: &str, object: &Value) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "apiVersion": api_version,
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid,
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": namespace,
+            "operation": "CREATE",
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+            "object": object,
+            "dryRun": false,
+        }
+    }))
+    .expect("json")
+}
+
+#[test]
+fn webhook_http_contract() {
+    let doc: Value = serde_json::from_str(&read("inject/webhook-http.json")).expect("JSON");
+    let mut failures = Vec::new();
+    for case in doc["cases"].as_array().expect("cases") {
+        let name = case["name"].as_str().expect("name");
+        let mut pod = doc["request_pod"].clone();
+        if let Some(a) = case.get("pod_annotations") {
+            pod["metadata"]["annotations"] = a.clone();
+        }
+        let body = if let Some(hex) = case.get("body_hex").and_then(Value::as_str) {
+            (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+                .collect()
+        } else if name == "missing body" {
+            vec![]
+        } else {
+            review_body(
+                case["admission_review_api_version"]
+                    .as_str()
+                    .unwrap_or("admission.k8s.io/v1"),
+                "uid-1",
+                "default",
+                &pod,
+            )
+        };
+        let a = webhook::handle_guarded(
+            &Config::default(),
+            "/inject",
+            case["content_type"].as_str(),
+            &body,
+        );
+        let want_status = case["want_status"].as_u64().expect("status") as u16;
+        if a.status != want_status {
+            failures.push(format!("{name}: status {} want {want_status}", a.status));
+            continue;
+        }
+        if want_status == 200 {
+            let resp: Value = serde_json::from_slice(&a.body).expect("review JSON");
+            let allowed = resp["response"]["allowed"].as_bool();
+            if allowed != case["want_allowed"].as_bool() {
+                failures.push(format!("{name}: allowed {allowed:?}: {resp}"));
+            }
+            if let Some(v) = case.get("admission_review_api_version") {
+                if resp["apiVersion"] != *v || resp["response"]["uid"] != "uid-1" {
+                    failures.push(format!("{name}: apiVersion/uid not echoed: {resp}"));
+                }
+                let skipped = case.get("pod_annotations").is_some();
+                if skipped == resp["response"].get("patch").is_some() {
+                    failures.push(format!("{name}: patch presence wrong: {resp}"));
+                }
+            } else if resp["response"]["result"]["message"]
+                .as_str()
+                .is_none_or(str::is_empty)
+            {
+                failures.push(format!("{name}: no message: {resp}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn inject_url_path_parameters() {
+    let doc: Value =
+        serde_json::from_str(&read("inject/parse-inject-url-envs.json")).expect("JSON");
+    let mut failures = Vec::new();
+    for case in doc["cases"].as_array().expect("cases") {
+        let got = webhook::parse_inject_envs(case["path"].as_str().expect("path"));
+        let want = map(&case["want"]);
+        if got != want {
+            failures.push(format!("{}: got {got:?} want {want:?}", case["name"]));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn app_prober_tables() {
+    let doc: Value = serde_json::from_str(&read("inject/app-probers.json")).expect("JSON");
+    let mut failures = Vec::new();
+    // Rewrite on/off precedence: the annotation wins when it parses, else the config.
+    for c in doc["should_rewrite_app_http_probers"]["cases"]
+        .as_array()
+        .expect("cases")
+    {
+        let ann = map(&c["annotations"]);
+        let got = ferry_injector::annotations::bool_annotation(
+            &ann,
+            "sidecar.istio.io/rewriteAppHTTPProbers",
+        )
+        .unwrap_or(c["spec_setting"].as_bool().expect("setting"));
+        if Some(got) != c["want"].as_bool() {
+            failures.push(format!("should_rewrite {c}: got {got}"));
+        }
+    }
+    let rewrite_all = |spec: &Value| -> (Value, serde_json::Map<String, Value>) {
+        let mut spec: k8s_openapi::api::core::v1::PodSpec =
+            serde_json::from_value(spec.clone()).expect("spec");
+        let mut out = serde_json::Map::new();
+        for c in spec.containers.iter_mut() {
+            probes::rewrite_container(c, 15020, &mut out);
+        }
+        (serde_json::to_value(&spec).expect("json"), out)
+    };
+    for c in doc["dump_app_probers_grpc"]["cases"]
+        .as_array()
+        .expect("cases")
+    {
+        let (_, probers) = rewrite_all(&c["pod_spec"]);
+        let got: Value = serde_json::from_str(&probes::probers_json(&probers)).expect("json");
+        if got != c["want"] {
+            failures.push(format!("dump {}: got {got} want {}", c["name"], c["want"]));
+        }
+    }
+    for c in doc["patch_rewrite_probe"]["cases"]
+        .as_array()
+        .expect("cases")
+    {
+        let (got, _) = rewrite_all(&c["pod_spec"]);
+        let d = jsondiff::diff(&c["want"], &got);
+        if !d.is_empty() {
+            failures.push(format!("patch {}: {d:?}", c["name"]));
+        }
+    }
+    for c in doc["merge_or_append_probers"]["cases"]
+        .as_array()
+        .expect("cases")
+    {
+        let new: serde_json::Map<String, Value> =
+            serde_json::from_str(c["new_probers"].as_str().expect("new")).expect("json");
+        let mut env: Vec<Value> = c["env_in"].as_array().cloned().unwrap_or_default();
+        match env
+            .iter_mut()
+            .find(|e| e["name"] == probes::APP_PROBERS_ENV)
+        {
+            Some(e) if c["previously_injected"].as_bool() == Some(true) => {
+                e["value"] = json!(probes::merge_probers(
+                    e["value"].as_str().unwrap_or("{}"),
+                    &new
+                ));
+            }
+            _ => env.push(
+                json!({"name": probes::APP_PROBERS_ENV, "value": probes::probers_json(&new)}),
+            ),
+        }
+        if Value::Array(env.clone()) != c["env_want"] {
+            failures.push(format!("merge {}: got {env:?}", c["name"]));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// For every golden case: the webhook's patch, applied to the pod the API server sent, gives the
+/// same pod as direct injection; the result reads back into the typed `Pod` and round-trips
+/// unchanged; and injecting it again changes nothing.
+#[test]
+fn patches_apply_round_trip_and_reinjection_is_idempotent() {
+    let doc: Value = serde_json::from_str(&read("inject/cases.json")).expect("JSON");
+    let mut failures = Vec::new();
+    let mut injected = 0;
+    for case in doc["cases"].as_array().expect("cases") {
+        let name = case["name"].as_str().expect("name");
+        let input = yaml(&read(&format!(
+            "inject/{}",
+            case["input"].as_str().expect("input")
+        )));
+        let cfg = case_config(case);
+        let (mut raw, _) = pod_of(&input);
+        // What the API server sends: namespace filled in, plus a field this model may not know.
+        raw["metadata"]["namespace"] = json!("default");
+        raw["spec"]["futureSchedulingHint"] = json!({"x": 1});
+        let a = webhook::handle(
+            &cfg,
+            "/inject",
+            Some("application/json"),
+            &review_body("admission.k8s.io/v1", "u", "default", &raw),
+        );
+        let resp: Value = serde_json::from_slice(&a.body).expect("json");
+        let mut patched = raw.clone();
+        if let Some(p) = resp["response"]["patch"].as_str() {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(p)
+                .expect("base64");
+            let patch: json_patch::Patch = serde_json::from_slice(&bytes).expect("patch");
+            if let Err(e) = json_patch::patch(&mut patched, &patch) {
+                failures.push(format!("{name}: patch does not apply: {e}"));
+                continue;
+            }
+        }
+        if patched["spec"]["futureSchedulingHint"] != json!({"x": 1}) {
+            failures.push(format!("{name}: unknown field lost"));
+        }
+        patched["spec"]
+            .as_object_mut()
+            .expect("spec")
+            .remove("futureSchedulingHint");
+        let typed: Pod = match serde_json::from_value(patched.clone()) {
+            Ok(p) => p,
+            Err(e) => {
+                failures.push(format!("{name}: patched object is not a Pod: {e}"));
+                continue;
+            }
+        };
+        let back = serde_json::to_value(&typed).expect("json");
+        let mut patched_cmp = patched.clone();
+        if let Some(o) = patched_cmp.as_object_mut() {
+            o.insert("apiVersion".into(), json!("v1"));
+            o.insert("kind".into(), json!("Pod"));
+        }
+        let d = jsondiff::diff(&patched_cmp, &back);
+        if !d.is_empty() {
+            failures.push(format!("{name}: typed round trip changed: {d:?}"));
+        }
+        let direct = match inject::process(
+            &serde_json::from_value(raw.clone()).expect("pod"),
+            &cfg,
+            &Request::default(),
+        ) {
+            Ok(Outcome::Injected { pod, .. }) => serde_json::to_value(&*pod).expect("json"),
+            Ok(Outcome::Skipped(_)) => {
+                serde_json::to_value(serde_json::from_value::<Pod>(raw.clone()).expect("pod"))
+                    .expect("json")
+            }
+            Err(e) => {
+                failures.push(format!("{name}: {e}"));
+                continue;
+            }
+        };
+        let d = jsondiff::diff(&direct, &back);
+        if !d.is_empty() {
+            failures.push(format!(
+                "{name}: webhook result differs from direct injection: {d:?}"
+            ));
+        }
+        if a.verdict == webhook::Verdict::Injected {
+            injected += 1;
+            let again = inject::inject(&typed, &cfg, &Request::default()).expect("re-inject");
+            let d = jsondiff::diff(&back, &serde_json::to_value(&again).expect("json"));
+            if !d.is_empty() {
+                failures.push(format!("{name}: re-injection changed the pod: {d:?}"));
+            }
+        }
+    }
+    assert_eq!(
+        injected, 17,
+        "all but the two skip cases are injected through the webhook"
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
