@@ -35,6 +35,9 @@ pub enum Error {
 pub struct Request {
     pub namespace: Option<String>,
     pub path_env: BTreeMap<String, String>,
+    /// The owning workload when the caller knows it (offline injection of a Deployment's
+    /// template); otherwise it is derived from the pod's owner references, as the webhook must.
+    pub workload: Option<Workload>,
 }
 
 /// What happened.
@@ -359,8 +362,11 @@ pub fn inject(pod: &Pod, cfg: &Config, req: &Request) -> Result<Pod, Error> {
     let traffic = TrafficSettings::resolve(cfg, &annotations, &pc);
     traffic.validate()?;
 
-    let workload = Workload::of(&pod, &namespace);
-    let is_job = job_owned(&pod);
+    let workload = req
+        .workload
+        .clone()
+        .unwrap_or_else(|| Workload::of(&pod, &namespace));
+    let is_job = job_owned(&pod) || matches!(workload.kind.as_str(), "Job" | "CronJob");
     let spec = pod.spec.as_mut().ok_or(Error::NoSpec)?;
 
     // 1. A previous injection: its volumes and pull secrets are re-rendered; its containers stay

@@ -12,14 +12,18 @@
 //! - [`quantity`]: canonical resource quantities.
 
 pub mod annotations;
+pub mod cert;
 pub mod config;
 pub mod decision;
 pub mod inject;
+pub mod metrics;
+pub mod offline;
 pub mod patch;
 pub mod probes;
 pub mod proxyconfig;
 pub mod quantity;
 pub mod selector;
+pub mod server;
 pub mod smp;
 pub mod webhook;
 pub mod webhooks;

@@ -98,6 +98,37 @@ impl LabelSelector {
     }
 }
 
+impl LabelSelector {
+    /// The first requirement the labels fail, in words; `None` when the selector matches.
+    pub fn why_not(&self, labels: &BTreeMap<String, String>) -> Option<String> {
+        for (k, v) in &self.match_labels {
+            if labels.get(k) != Some(v) {
+                return Some(format!("needs label {k}={v}"));
+            }
+        }
+        for r in &self.match_expressions {
+            if !r.matches(labels) {
+                let have = labels
+                    .get(&r.key)
+                    .map(|v| format!("it is {v:?}"))
+                    .unwrap_or_else(|| "it is absent".into());
+                return Some(match r.operator.as_str() {
+                    "In" => format!("needs label {} in ({}), {have}", r.key, r.values.join(",")),
+                    "NotIn" => format!(
+                        "needs label {} not in ({}), {have}",
+                        r.key,
+                        r.values.join(",")
+                    ),
+                    "Exists" => format!("needs label {} to exist", r.key),
+                    "DoesNotExist" => format!("needs label {} to be absent, {have}", r.key),
+                    other => format!("operator {other} is invalid"),
+                });
+            }
+        }
+        None
+    }
+}
+
 impl std::fmt::Display for LabelSelector {
     /// The `kubectl` selector syntax (`a=b,c in (d,e),!f`).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

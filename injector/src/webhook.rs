@@ -207,6 +207,7 @@ pub fn handle(cfg: &Config, path: &str, content_type: Option<&str>, body: &[u8])
     let req = Request {
         namespace,
         path_env: parse_inject_envs(path),
+        workload: None,
     };
     match inject::process(&pod, cfg, &req) {
         Ok(Outcome::Skipped(decision)) => {
