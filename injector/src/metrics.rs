@@ -36,12 +36,9 @@ impl Metrics {
             "Admission reviews by outcome (injected, skipped, denied, bad_request)",
             requests.clone(),
         );
-        let latency = Histogram::new(
-            [
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
-            ]
-            .into_iter(),
-        );
+        let latency = Histogram::new([
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+        ]);
         registry.register(
             "request_duration_seconds",
             "Time to answer an admission review",
