@@ -49,11 +49,12 @@ pub fn parse_documents(text: &str) -> Result<Vec<Value>, Error> {
     Ok(out)
 }
 
+/// A pod found in an object: the pod, its workload, and the JSON pointer of its template (`None`
+/// for a bare Pod).
+pub type Found = (Pod, Workload, Option<&'static str>);
+
 /// The pod inside an object, the workload it belongs to, and where the pod lives in the object.
-pub fn pod_of(
-    obj: &Value,
-    index: usize,
-) -> Result<Option<(Pod, Workload, Option<&'static str>)>, Error> {
+pub fn pod_of(obj: &Value, index: usize) -> Result<Option<Found>, Error> {
     let kind = obj["kind"].as_str().unwrap_or_default();
     let name = obj["metadata"]["name"]
         .as_str()
