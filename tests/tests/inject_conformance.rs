@@ -301,14 +301,7 @@ fn injection_goldens() {
         let (pod_json, simulated) = pod_of(&input);
         let pod: Pod = serde_json::from_value(pod_json.clone())
             .unwrap_or_else(|e| panic!("{name}: input is not a Pod: {e}"));
-        let outcome = inject::process(
-            &pod,
-            &cfg,
-            &Request {
-                namespace: None,
-                path_env: BTreeMap::new(),
-            },
-        );
+        let outcome = inject::process(&pod, &cfg, &Request::default());
         let mut got = match outcome {
             Ok(Outcome::Injected { pod, .. }) => serde_json::to_value(&*pod).expect("json"),
             Ok(Outcome::Skipped(_)) => serde_json::to_value(&pod).expect("json"),
