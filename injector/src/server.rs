@@ -156,7 +156,6 @@ pub async fn run(settings: Settings, mut shutdown: watch::Receiver<bool>) -> Res
         certs: certs.clone(),
         draining: AtomicBool::new(false),
     });
-    shared.metrics.cert_expiry.set(certs.not_after());
     let listener = TcpListener::bind(settings.listen)
         .await
         .map_err(|source| Error::Bind {
@@ -183,6 +182,7 @@ pub async fn serve(
     .with_cert_resolver(shared.certs.clone());
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    shared.metrics.cert_expiry.set(shared.certs.not_after());
     info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "injector serving");
 
     // Reload loop: certificate and configuration.
