@@ -4,8 +4,6 @@
 
 use std::collections::BTreeMap;
 
-use clap::Parser as _;
-
 use crate::config::Config;
 
 pub const INTERCEPTION_MODE: &str = "sidecar.istio.io/interceptionMode";
@@ -177,69 +175,74 @@ impl TrafficSettings {
     /// Check each setting with `ferry-init`'s own parser, so the injector can never emit an
     /// argument the init container would reject. The error names the annotation.
     pub fn validate(&self) -> Result<(), Invalid> {
-        let checks: [(&str, &str, &str, Option<&String>); 8] = [
+        use ferry_init::config::Args;
+        type Set = fn(&mut Args, String);
+        let checks: [(&str, &str, Option<&String>, Set); 8] = [
             (
                 INCLUDE_OUTBOUND_IP_RANGES,
                 "includeIPRanges",
-                "-i",
                 Some(&self.include_ip_ranges),
+                |a, v| a.outbound_ranges = Some(v),
             ),
             (
                 EXCLUDE_OUTBOUND_IP_RANGES,
                 "excludeIPRanges",
-                "-x",
                 Some(&self.exclude_ip_ranges),
+                |a, v| a.outbound_exclude_ranges = Some(v),
             ),
             (
                 INCLUDE_INBOUND_PORTS,
                 "includeInboundPorts",
-                "-b",
                 Some(&self.include_inbound_ports),
+                |a, v| a.inbound_ports = Some(v),
             ),
             (
                 EXCLUDE_INBOUND_PORTS,
                 "excludeInboundPorts",
-                "-d",
                 Some(&self.exclude_inbound_ports),
+                |a, v| a.inbound_exclude_ports = Some(v),
             ),
             (
                 EXCLUDE_OUTBOUND_PORTS,
                 "excludeOutboundPorts",
-                "-o",
                 self.exclude_outbound_ports.as_ref(),
+                |a, v| a.outbound_exclude_ports = Some(v),
             ),
             (
                 INCLUDE_OUTBOUND_PORTS,
                 "includeOutboundPorts",
-                "-q",
                 self.include_outbound_ports.as_ref(),
+                |a, v| a.outbound_ports = Some(v),
             ),
             (
                 EXCLUDE_INTERFACES,
                 "excludeInterfaces",
-                "-c",
                 self.exclude_interfaces.as_ref(),
+                |a, v| a.exclude_interfaces = Some(v),
             ),
             (
                 REROUTE_VIRTUAL_INTERFACES,
                 "rerouteVirtualInterfaces",
-                "-k",
                 self.virtual_interfaces.as_ref(),
+                |a, v| a.kube_virt_interfaces = Some(v),
             ),
         ];
-        for (name, param, flag, value) in checks {
+        let env = std::collections::HashMap::new();
+        for (name, param, value, set) in checks {
             let Some(value) = value else { continue };
-            let fail = |reason: String| Invalid {
+            // One setting at a time through ferry-init's own validation, so the error names the
+            // annotation. `-u` is given so the check never looks up the proxy user.
+            let mut args = Args {
+                proxy_uid: Some("1337".into()),
+                ..Args::default()
+            };
+            set(&mut args, value.clone());
+            ferry_init::config::Config::from_args(&args, &env).map_err(|e| Invalid {
                 name: name.into(),
                 value: value.clone(),
                 param: param.into(),
-                reason,
-            };
-            let args =
-                ferry_init::config::Args::try_parse_from(["istio-iptables", flag, value.as_str()])
-                    .map_err(|e| fail(e.kind().to_string()))?;
-            ferry_init::config::Config::from_args(&args, &std::collections::HashMap::new())
-                .map_err(|e| fail(e.to_string()))?;
+                reason: e.to_string(),
+            })?;
         }
         if !matches!(self.mode.as_str(), "REDIRECT" | "TPROXY" | "NONE") {
             return Err(Invalid {
