@@ -42,7 +42,40 @@ fn step(title: &str) {
     println!("\n== {title}");
 }
 
+const SAMPLE: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: cart, namespace: shop}
+spec:
+  selector: {matchLabels: {app: cart}}
+  template:
+    metadata: {labels: {app: cart, version: v2}}
+    spec:
+      containers:
+      - name: cart
+        image: shop/cart:2.1
+        ports: [{name: http, containerPort: 8080}]
+        readinessProbe: {httpGet: {path: /ready, port: 8080}}
+"#;
+
 fn main() {
+    step(
+        "0. ferry-injector explains and injects a Deployment in a namespace labelled istio-injection=enabled",
+    );
+    let cfg = ferry_injector::config::Config::default();
+    let docs = ferry_injector::offline::parse_documents(SAMPLE).expect("sample parses");
+    let labels = [("istio-injection".to_owned(), "enabled".to_owned())].into();
+    print!(
+        "{}",
+        ferry_injector::offline::explain(&cfg, &docs[0], &labels, None).expect("explain")
+    );
+    let (out, _) = ferry_injector::offline::inject_documents(&cfg, docs).expect("inject");
+    let spec = &out[0]["spec"]["template"]["spec"];
+    println!(
+        "   rewritten readiness probe: {}",
+        spec["containers"][0]["readinessProbe"]
+    );
+
     step("1. the ruleset an injected pod gets (ferry-init --dry-run, IPv4 pod)");
     println!(
         "$ ferry-init {}",
