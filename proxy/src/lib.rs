@@ -1,14 +1,20 @@
-//! `ferry-proxy`: the sidecar that serves the traffic `ferry-init` captures. Not built yet (its
-//! own issue); this crate only fixes the workspace layout and the ports it will own.
+//! `ferry-proxy`: the sidecar that serves what `ferry-init` captures.
+//!
+//! Module map:
+//! - [`config`]: Istio's `istio-proxy` arguments and environment → validated [`config::Config`].
+//! - [`discovery`]: Kubernetes objects → immutable [`discovery::Snapshot`]; the file source.
+//! - [`transport`]: `SO_ORIGINAL_DST`, upstream connects (inbound from 127.0.0.6).
+//! - [`detect`]: protocol sniffing with a timeout (server-first protocols never stall).
+//! - [`proxy`]: the data path: TCP relay, HTTP/1.1 and HTTP/2 forwarding, upgrades, errors.
+//! - [`admin`]: 15021 readiness, 15090 metrics, 15020 agent (app probes, /quitquitquit), 15000 admin.
+//! - [`metrics`]: Istio's standard metrics.
+//! - [`app`]: binding, discovery refresh, drain.
 
-use ferry_init::spec;
-
-/// Ports the proxy binds, in the README's ports table order.
-pub const PORTS: [(u16, &str); 6] = [
-    (spec::OUTBOUND_CAPTURE_PORT, "outbound capture"),
-    (spec::INBOUND_CAPTURE_PORT, "inbound capture"),
-    (spec::STATUS_PORT, "agent status"),
-    (spec::HEALTH_PORT, "health"),
-    (spec::PROMETHEUS_PORT, "prometheus"),
-    (spec::ADMIN_PORT, "admin (localhost)"),
-];
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod detect;
+pub mod discovery;
+pub mod metrics;
+pub mod proxy;
+pub mod transport;

@@ -1,4 +1,265 @@
-fn main() -> std::process::ExitCode {
-    eprintln!("ferry-proxy: not implemented yet (see the project's issue tracker)");
-    std::process::ExitCode::from(2)
+//! `ferry-proxy`: `proxy sidecar ...` (what Istio's template runs), pilot-agent's helper commands
+//! (`request POST drain` for the preStop hook, `wait` for holdApplicationUntilProxyStarts), and
+//! `config listeners|clusters|endpoints|routes|all [-o json]` (the `istioctl proxy-config` workflow).
+
+use std::io::{IsTerminal, Read, Write};
+use std::net::TcpStream;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use ferry_proxy::config::{Args, Config, ProcessEnv};
+
+fn http(addr: &str, method: &str, path: &str) -> Result<(u16, String), String> {
+    let mut s = TcpStream::connect(addr).map_err(|e| format!("connecting to {addr}: {e}"))?;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).map_err(|e| e.to_string())?;
+    let status = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or("malformed response")?;
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+fn flag<'a>(rest: &'a [String], name: &str) -> Option<&'a str> {
+    rest.iter()
+        .find_map(|a| a.strip_prefix(&format!("--{name}=")))
+        .or_else(|| {
+            rest.iter()
+                .position(|a| a == &format!("--{name}"))
+                .and_then(|i| rest.get(i + 1))
+                .map(String::as_str)
+        })
+}
+
+/// `pilot-agent request [--debug-port=P] METHOD PATH`
+fn request(rest: &[String]) -> ExitCode {
+    let port = flag(rest, "debug-port").unwrap_or("15020");
+    let words: Vec<&String> = rest
+        .iter()
+        .filter(|a| !a.starts_with("--") && Some(a.as_str()) != flag(rest, "debug-port"))
+        .collect();
+    let (method, path) = match words.as_slice() {
+        [m, p] => (m.as_str(), format!("/{}", p.trim_start_matches('/'))),
+        _ => {
+            eprintln!("usage: request [--debug-port=PORT] METHOD PATH");
+            return ExitCode::from(2);
+        }
+    };
+    match http(&format!("127.0.0.1:{port}"), method, &path) {
+        Ok((s, body)) => {
+            print!("{body}");
+            if (200..300).contains(&s) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `pilot-agent wait [--timeoutSeconds N] [--periodMillis M] [--url URL]`: until the proxy is ready.
+fn wait(rest: &[String]) -> ExitCode {
+    let timeout = Duration::from_secs(
+        flag(rest, "timeoutSeconds")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(60),
+    );
+    let period = Duration::from_millis(
+        flag(rest, "periodMillis")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(500),
+    );
+    let url = flag(rest, "url").unwrap_or("http://localhost:15021/healthz/ready");
+    let (addr, path) = url
+        .trim_start_matches("http://")
+        .split_once('/')
+        .map(|(a, p)| (a.replace("localhost", "127.0.0.1"), format!("/{p}")))
+        .unwrap_or(("127.0.0.1:15021".into(), "/healthz/ready".into()));
+    let started = Instant::now();
+    loop {
+        if let Ok((200, _)) = http(&addr, "GET", &path) {
+            eprintln!("proxy is ready");
+            return ExitCode::SUCCESS;
+        }
+        if started.elapsed() > timeout {
+            eprintln!("timed out after {timeout:?} waiting for {url}");
+            return ExitCode::FAILURE;
+        }
+        std::thread::sleep(period);
+    }
+}
+
+/// `config KIND [-o json] [--admin ADDR]`
+fn config_cmd(rest: &[String]) -> ExitCode {
+    let kind = rest.first().map(String::as_str).unwrap_or("all");
+    let json = flag(rest, "output")
+        .or_else(|| flag(rest, "o"))
+        .is_some_and(|o| o == "json")
+        || rest.iter().any(|a| a == "-ojson");
+    let admin = flag(rest, "admin").unwrap_or("127.0.0.1:15000");
+    let dump = match http(admin, "GET", "/config_dump")
+        .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(&b).map_err(|e| e.to_string()))
+    {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("reading the admin endpoint at {admin}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let section = match kind {
+        "listeners" | "listener" => dump["listeners"].clone(),
+        "clusters" | "cluster" | "endpoints" | "endpoint" => dump["clusters"].clone(),
+        "routes" | "route" => dump["istio"].clone(),
+        _ => dump.clone(),
+    };
+    if json
+        || !matches!(
+            kind,
+            "listeners" | "listener" | "clusters" | "cluster" | "endpoints" | "endpoint"
+        )
+    {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&section).unwrap_or_default()
+        );
+        return ExitCode::SUCCESS;
+    }
+    match kind {
+        "listeners" | "listener" => {
+            println!("{:<18} {:<22} NOTES", "NAME", "ADDRESS");
+            for l in section.as_array().into_iter().flatten() {
+                println!(
+                    "{:<18} {:<22} {}",
+                    l["name"].as_str().unwrap_or(""),
+                    l["address"].as_str().unwrap_or(""),
+                    l.get("policy").and_then(|p| p.as_str()).unwrap_or("")
+                );
+            }
+        }
+        "clusters" | "cluster" => {
+            println!(
+                "{:<50} {:<8} {:<10} ENDPOINTS",
+                "SERVICE FQDN", "PORT", "PROTOCOL"
+            );
+            for c in section.as_array().into_iter().flatten() {
+                for p in c["ports"].as_array().into_iter().flatten() {
+                    let n = c["endpoints"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .find(|e| e["port"] == p["port"])
+                        .and_then(|e| e["addresses"].as_array().map(|a| a.len()))
+                        .unwrap_or(0);
+                    println!(
+                        "{:<50} {:<8} {:<10} {}",
+                        c["hostname"].as_str().unwrap_or(""),
+                        p["port"],
+                        p["protocol"].as_str().unwrap_or(""),
+                        n
+                    );
+                }
+            }
+        }
+        _ => {
+            println!("{:<24} {:<50} STATUS", "ENDPOINT", "SERVICE");
+            for c in section.as_array().into_iter().flatten() {
+                for e in c["endpoints"].as_array().into_iter().flatten() {
+                    for a in e["addresses"].as_array().into_iter().flatten() {
+                        println!(
+                            "{:<24} {:<50} HEALTHY",
+                            a.as_str().unwrap_or(""),
+                            format!("{}:{}", c["hostname"].as_str().unwrap_or(""), e["port"])
+                        );
+                    }
+                }
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn main() -> ExitCode {
+    let mut argv: Vec<String> = std::env::args().collect();
+    // Istio's image runs `pilot-agent request ...` / `pilot-agent wait` from lifecycle hooks; our
+    // image links pilot-agent to this binary.
+    let argv0 = argv
+        .first()
+        .and_then(|a| a.rsplit('/').next())
+        .unwrap_or("")
+        .to_owned();
+    if argv0 == "pilot-agent" && argv.len() > 1 && matches!(argv[1].as_str(), "request" | "wait") {
+        argv[0] = "ferry-proxy".into();
+    }
+    match argv.get(1).map(String::as_str) {
+        Some("request") => return request(&argv[2..]),
+        Some("wait") => return wait(&argv[2..]),
+        Some("config") => return config_cmd(&argv[2..]),
+        _ => {}
+    }
+    let args = Args::parse_from(argv);
+    let cfg = match Config::from_args(&args, &ProcessEnv) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ferry-proxy: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| cfg.log_filter.clone());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    if cfg.log_json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.workers)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ferry-proxy: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let running = match ferry_proxy::app::start(cfg, ferry_proxy::transport::OrigDst::Kernel, rx).await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("ferry-proxy: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut done = running.done;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            _ = &mut done => return ExitCode::SUCCESS,
+        }
+        tracing::info!("SIGTERM: draining");
+        let _ = tx.send(true);
+        let _ = done.await;
+        ExitCode::SUCCESS
+    })
 }

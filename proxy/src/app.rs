@@ -1,0 +1,246 @@
+//! Wiring: bind every listener (failing clearly if one is taken), keep the discovery snapshot
+//! current, serve, and drain on shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::admin::{self, Admin, Port, Quit, Readiness};
+use crate::config::Config;
+use crate::discovery::{self, Snapshot};
+use crate::metrics::Metrics;
+use crate::proxy::{Direction, Proxy};
+use crate::transport::OrigDst;
+
+/// Starting failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("binding {what} on {addr}: {source} (is another proxy running in this pod?)")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> {
+    let sock = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .map_err(|source| Error::Bind { what, addr, source })?;
+    let _ = sock.set_reuseaddr(true);
+    sock.bind(addr)
+        .map_err(|source| Error::Bind { what, addr, source })?;
+    sock.listen(1024)
+        .map_err(|source| Error::Bind { what, addr, source })
+}
+
+/// A running proxy's handles, for tests and `main`.
+pub struct Running {
+    pub readiness: Arc<Readiness>,
+    pub metrics: Arc<Metrics>,
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    pub addrs: Addrs,
+    pub done: tokio::task::JoinHandle<()>,
+}
+
+/// Where each listener ended up (ports may be 0 in tests).
+#[derive(Clone, Copy, Debug)]
+pub struct Addrs {
+    pub outbound: SocketAddr,
+    pub inbound: SocketAddr,
+    pub health: SocketAddr,
+    pub prometheus: SocketAddr,
+    pub agent: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+fn poll_dir(
+    cfg: &Config,
+    tx: &watch::Sender<Arc<Snapshot>>,
+    metrics: &Metrics,
+    last: &mut Option<std::time::SystemTime>,
+    version: &mut u64,
+) -> bool {
+    let Some(dir) = &cfg.config_dir else {
+        return true;
+    };
+    match discovery::read_dir(dir) {
+        Ok((objects, newest)) => {
+            if newest.is_some() && newest == *last {
+                return true;
+            }
+            *last = newest;
+            *version += 1;
+            let snap = Snapshot::build(*version, &objects, &cfg.cluster_domain);
+            for r in &snap.rejected {
+                warn!(object = %r, "object ignored");
+            }
+            info!(
+                version = *version,
+                services = snap.services.len(),
+                "configuration snapshot updated"
+            );
+            metrics.config_version.set(*version as i64);
+            tx.send_replace(Arc::new(snap));
+            true
+        }
+        Err(e) => {
+            metrics.config_rejected.inc();
+            error!(error = %e, "configuration update refused; still serving the previous snapshot");
+            false
+        }
+    }
+}
+
+/// Bind, start serving, and return handles. The proxy drains and stops when `shutdown` flips.
+pub async fn start(
+    cfg: Config,
+    orig_dst: OrigDst,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<Running, Error> {
+    let cfg = Arc::new(cfg);
+    let metrics = Arc::new(Metrics::new());
+    let readiness = Arc::new(Readiness::default());
+    for b in [
+        "outbound listener",
+        "inbound listener",
+        "initial configuration sync",
+    ] {
+        readiness.block(b);
+    }
+    let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::default()));
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let (quit_tx, mut quit_rx) = watch::channel(None);
+    let any = |p: u16| SocketAddr::from(([0, 0, 0, 0], p));
+    let outbound = bind("outbound listener", any(cfg.ports.outbound)).await?;
+    let inbound = bind("inbound listener", any(cfg.ports.inbound)).await?;
+    let health = bind("health port", any(cfg.ports.health)).await?;
+    let prometheus = bind("prometheus port", any(cfg.ports.prometheus)).await?;
+    let agent = bind("agent port", any(cfg.ports.status)).await?;
+    let admin_l = bind("admin port", cfg.ports.admin).await?;
+    let local = |l: &TcpListener, fallback| l.local_addr().unwrap_or(fallback);
+    let addrs = Addrs {
+        outbound: local(&outbound, any(0)),
+        inbound: local(&inbound, any(0)),
+        health: local(&health, any(0)),
+        prometheus: local(&prometheus, any(0)),
+        agent: local(&agent, any(0)),
+        admin: local(&admin_l, cfg.ports.admin),
+    };
+    readiness.unblock("outbound listener");
+    readiness.unblock("inbound listener");
+
+    let admin = Arc::new(Admin {
+        cfg: cfg.clone(),
+        metrics: metrics.clone(),
+        readiness: readiness.clone(),
+        snapshot: snap_rx.clone(),
+        quit: quit_tx,
+    });
+    let admin_tasks = vec![
+        tokio::spawn(admin::serve_port(admin.clone(), Port::Health, health)),
+        tokio::spawn(admin::serve_port(
+            admin.clone(),
+            Port::Prometheus,
+            prometheus,
+        )),
+        tokio::spawn(admin::serve_port(admin.clone(), Port::Agent, agent)),
+        tokio::spawn(admin::serve_port(admin.clone(), Port::Admin, admin_l)),
+    ];
+
+    // Discovery: the first successful read is the initial sync; then poll for changes.
+    let poller = {
+        let (cfg, metrics, readiness) = (cfg.clone(), metrics.clone(), readiness.clone());
+        tokio::spawn(async move {
+            let (mut last, mut version) = (None, 0u64);
+            if cfg.config_dir.is_none() {
+                warn!(
+                    "no discovery source configured (--config-dir): every destination is unknown (policy applies)"
+                );
+            }
+            loop {
+                if poll_dir(&cfg, &snap_tx, &metrics, &mut last, &mut version) {
+                    readiness.unblock("initial configuration sync");
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+
+    let proxy = Arc::new(Proxy::new(
+        cfg.clone(),
+        snap_rx.clone(),
+        metrics.clone(),
+        orig_dst,
+        drain_rx,
+    ));
+    let accept = |l: TcpListener, dir: Direction, proxy: Arc<Proxy>| {
+        tokio::spawn(async move {
+            loop {
+                match l.accept().await {
+                    Ok((s, peer)) => {
+                        tokio::spawn(proxy.clone().handle(dir, s, peer));
+                    }
+                    Err(e) => warn!(error = %e, "accept failed"),
+                }
+            }
+        })
+    };
+    let out_task = accept(outbound, Direction::Outbound, proxy.clone());
+    let in_task = accept(inbound, Direction::Inbound, proxy.clone());
+    info!(?addrs, workers = cfg.workers, "proxy serving");
+
+    let done = {
+        let readiness = readiness.clone();
+        tokio::spawn(async move {
+            let exit_now = tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => false,
+                _ = quit_rx.wait_for(|q| *q == Some(Quit::Exit)) => true,
+            };
+            // Fail readiness, stop taking inbound connections, close HTTP connections gracefully,
+            // keep the outbound listener so the app can finish what it is doing.
+            readiness.drain();
+            in_task.abort();
+            let _ = drain_tx.send(true);
+            let deadline = if exit_now {
+                Duration::from_secs(1)
+            } else {
+                cfg.drain
+            };
+            info!(
+                open = proxy.active.count(),
+                deadline_ms = deadline.as_millis() as u64,
+                "draining"
+            );
+            if tokio::time::timeout(deadline, proxy.active.idle())
+                .await
+                .is_err()
+            {
+                warn!(
+                    open = proxy.active.count(),
+                    "drain deadline passed with connections still open"
+                );
+            }
+            out_task.abort();
+            poller.abort();
+            for t in admin_tasks {
+                t.abort();
+            }
+            info!("proxy stopped");
+        })
+    };
+    Ok(Running {
+        readiness,
+        metrics,
+        snapshot: snap_rx,
+        addrs,
+        done,
+    })
+}

@@ -1,0 +1,419 @@
+//! Service discovery: Kubernetes objects (Services, EndpointSlices, Pods; the Istio resources are
+//! kept for routing) compiled into an immutable [`Snapshot`], swapped atomically on change. Sources:
+//! a directory of YAML files (hot reloaded; standalone use and tests) or, later, the API server.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::SystemTime;
+
+use k8s_openapi::api::core::v1::{Pod, Service as K8sService};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde_json::Value;
+
+/// Application protocol of a port, as Istio derives it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Http,
+    Http2,
+    Grpc,
+    Tcp,
+    Tls,
+    /// Not declared: sniff the first bytes.
+    Unknown,
+}
+
+impl Protocol {
+    /// Istio's rule: `appProtocol` if set, else the port name's prefix before `-` (`http-web`,
+    /// `grpc`, `tcp-db`, `mysql`, ...).
+    pub fn of_port(name: Option<&str>, app_protocol: Option<&str>) -> Protocol {
+        let from = |s: &str| -> Protocol {
+            let s = s.to_ascii_lowercase();
+            match s.as_str() {
+                "kubernetes.io/h2c" => return Protocol::Http2,
+                "kubernetes.io/ws" | "kubernetes.io/wss" => return Protocol::Http,
+                _ => {}
+            }
+            match s.split('-').next().unwrap_or("") {
+                "http" => Protocol::Http,
+                "http2" | "h2c" => Protocol::Http2,
+                "grpc" => Protocol::Grpc,
+                "https" | "tls" => Protocol::Tls,
+                "tcp" | "mysql" | "mysqlx" | "mongo" | "redis" | "postgres" | "postgresql"
+                | "kafka" | "zookeeper" | "memcached" | "smtp" | "amqp" => Protocol::Tcp,
+                _ => Protocol::Unknown,
+            }
+        };
+        match app_protocol.map(from) {
+            Some(p) if p != Protocol::Unknown => p,
+            _ => name.map(from).unwrap_or(Protocol::Unknown),
+        }
+    }
+
+    pub fn is_http(self) -> bool {
+        matches!(self, Protocol::Http | Protocol::Http2 | Protocol::Grpc)
+    }
+}
+
+/// Ports where the server speaks first: never wait for the client's first byte there.
+pub const SERVER_FIRST_PORTS: &[u16] = &[
+    21, 22, 25, 110, 143, 465, 587, 993, 995, 3306, 5432, 6379, 11211, 27017,
+];
+
+/// One port of a Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    pub name: String,
+    pub port: u16,
+    pub target_port: Option<u16>,
+    pub target_port_name: Option<String>,
+    pub protocol: Protocol,
+}
+
+/// An endpoint of a service port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub pod: Option<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A Service with its resolved endpoints per port.
+#[derive(Debug)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub cluster_ips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    /// Ready endpoints by service port number.
+    pub endpoints: BTreeMap<u16, Vec<Endpoint>>,
+    next: AtomicUsize,
+}
+
+impl Service {
+    pub fn hostname(&self, domain: &str) -> String {
+        format!("{}.{}.svc.{domain}", self.name, self.namespace)
+    }
+
+    pub fn port(&self, port: u16) -> Option<&ServicePort> {
+        self.ports.iter().find(|p| p.port == port)
+    }
+
+    /// Round-robin over the ready endpoints of a port.
+    pub fn pick(&self, port: u16) -> Option<&Endpoint> {
+        let eps = self.endpoints.get(&port)?;
+        if eps.is_empty() {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        eps.get(i % eps.len())
+    }
+}
+
+/// A pod's identity, for metrics and routing by pod IP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Workload {
+    pub pod: String,
+    pub namespace: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Everything the data path needs, immutable. Requests take an `Arc` of the current one and keep
+/// it for their lifetime, so a config change never changes a request half way.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub version: u64,
+    pub services: Vec<Arc<Service>>,
+    by_vip: HashMap<SocketAddr, Arc<Service>>,
+    by_host: HashMap<String, Arc<Service>>,
+    pods: HashMap<IpAddr, Arc<Workload>>,
+    /// VirtualServices and DestinationRules as given (routing is the next layer's job).
+    pub istio: Vec<Value>,
+    /// Objects that could not be used, with why (shown in the config dump and logs).
+    pub rejected: Vec<String>,
+}
+
+/// Where an outbound connection or request goes.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// A service port: load-balance over its endpoints.
+    Service { service: Arc<Service>, port: u16 },
+    /// A known pod, addressed directly.
+    Pod {
+        addr: SocketAddr,
+        workload: Arc<Workload>,
+    },
+    /// Not in the registry.
+    Unknown(SocketAddr),
+}
+
+impl Snapshot {
+    /// Compile a snapshot from Kubernetes objects (any order, any kinds).
+    pub fn build(version: u64, objects: &[Value], domain: &str) -> Snapshot {
+        let mut snap = Snapshot {
+            version,
+            ..Snapshot::default()
+        };
+        let mut services: Vec<K8sService> = Vec::new();
+        let mut slices: Vec<EndpointSlice> = Vec::new();
+        let mut pods: Vec<Pod> = Vec::new();
+        for o in objects {
+            let kind = o["kind"].as_str().unwrap_or_default();
+            let name = o["metadata"]["name"].as_str().unwrap_or("?");
+            let res = match kind {
+                "Service" => serde_json::from_value(o.clone()).map(|s| services.push(s)),
+                "EndpointSlice" => serde_json::from_value(o.clone()).map(|s| slices.push(s)),
+                "Pod" => serde_json::from_value(o.clone()).map(|p| pods.push(p)),
+                "VirtualService" | "DestinationRule" | "ServiceEntry" | "Sidecar" | "Gateway" => {
+                    snap.istio.push(o.clone());
+                    Ok(())
+                }
+                _ => Ok(()),
+            };
+            if let Err(e) = res {
+                snap.rejected.push(format!("{kind} {name}: {e}"));
+            }
+        }
+        for p in &pods {
+            let Some(ip) = p
+                .status
+                .as_ref()
+                .and_then(|s| s.pod_ip.as_deref())
+                .and_then(|ip| ip.parse::<IpAddr>().ok())
+            else {
+                continue;
+            };
+            let meta = &p.metadata;
+            let labels = meta.labels.clone().unwrap_or_default();
+            let name = labels
+                .get("service.istio.io/canonical-name")
+                .or_else(|| labels.get("app"))
+                .cloned()
+                .unwrap_or_else(|| meta.name.clone().unwrap_or_default());
+            snap.pods.insert(
+                ip,
+                Arc::new(Workload {
+                    pod: meta.name.clone().unwrap_or_default(),
+                    namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
+                    name,
+                    labels,
+                }),
+            );
+        }
+        for s in services {
+            let ns = s
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into());
+            let name = s.metadata.name.clone().unwrap_or_default();
+            let spec = s.spec.unwrap_or_default();
+            let mut cluster_ips: Vec<IpAddr> = spec
+                .cluster_ips
+                .clone()
+                .unwrap_or_default()
+                .iter()
+                .chain(spec.cluster_ip.iter())
+                .filter_map(|ip| ip.parse().ok())
+                .collect();
+            cluster_ips.dedup();
+            let ports: Vec<ServicePort> = spec
+                .ports
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+                .filter_map(|p| {
+                    let (tp, tpn) = match &p.target_port {
+                        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n)) => {
+                            (u16::try_from(*n).ok(), None)
+                        }
+                        Some(
+                            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(s),
+                        ) => (s.parse().ok(), Some(s.clone())),
+                        None => (None, None),
+                    };
+                    Some(ServicePort {
+                        name: p.name.clone().unwrap_or_default(),
+                        port: u16::try_from(p.port).ok()?,
+                        target_port: tp,
+                        target_port_name: tpn,
+                        protocol: Protocol::of_port(p.name.as_deref(), p.app_protocol.as_deref()),
+                    })
+                })
+                .collect();
+            // Endpoints: slices labelled kubernetes.io/service-name=<name> in the namespace.
+            let mut endpoints: BTreeMap<u16, Vec<Endpoint>> = BTreeMap::new();
+            for slice in slices.iter().filter(|sl| {
+                sl.metadata.namespace.as_deref().unwrap_or("default") == ns
+                    && sl
+                        .metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get("kubernetes.io/service-name"))
+                        .map(String::as_str)
+                        == Some(name.as_str())
+            }) {
+                for sp in &ports {
+                    let slice_port = slice
+                        .ports
+                        .iter()
+                        .flatten()
+                        .find(|p| p.name.as_deref().unwrap_or("") == sp.name)
+                        .and_then(|p| p.port)
+                        .and_then(|p| u16::try_from(p).ok());
+                    let Some(port) = slice_port.or(sp.target_port) else {
+                        continue;
+                    };
+                    for ep in &slice.endpoints {
+                        // Ready, or serving while terminating (graceful shutdown), as kube-proxy does.
+                        let c = ep.conditions.clone().unwrap_or_default();
+                        if c.ready == Some(false) && c.serving != Some(true) {
+                            continue;
+                        }
+                        for a in &ep.addresses {
+                            let Ok(ip) = a.parse::<IpAddr>() else {
+                                continue;
+                            };
+                            let workload = snap.pods.get(&ip);
+                            endpoints.entry(sp.port).or_default().push(Endpoint {
+                                addr: SocketAddr::new(ip, port),
+                                pod: ep.target_ref.as_ref().and_then(|r| r.name.clone()),
+                                labels: workload.map(|w| w.labels.clone()).unwrap_or_default(),
+                            });
+                        }
+                    }
+                }
+            }
+            let svc = Arc::new(Service {
+                name: name.clone(),
+                namespace: ns.clone(),
+                cluster_ips: cluster_ips.clone(),
+                ports: ports.clone(),
+                endpoints,
+                next: AtomicUsize::new(0),
+            });
+            for ip in &cluster_ips {
+                for p in &ports {
+                    snap.by_vip
+                        .insert(SocketAddr::new(*ip, p.port), svc.clone());
+                }
+            }
+            for h in [
+                format!("{name}.{ns}.svc.{domain}"),
+                format!("{name}.{ns}.svc"),
+                format!("{name}.{ns}"),
+            ] {
+                snap.by_host.insert(h, svc.clone());
+            }
+            snap.services.push(svc);
+        }
+        snap
+    }
+
+    /// Where a connection to `orig_dst` goes.
+    pub fn target(&self, orig_dst: SocketAddr) -> Target {
+        let canonical = SocketAddr::new(orig_dst.ip().to_canonical(), orig_dst.port());
+        if let Some(s) = self.by_vip.get(&canonical) {
+            return Target::Service {
+                service: s.clone(),
+                port: canonical.port(),
+            };
+        }
+        if let Some(w) = self.pods.get(&canonical.ip()) {
+            return Target::Pod {
+                addr: canonical,
+                workload: w.clone(),
+            };
+        }
+        Target::Unknown(canonical)
+    }
+
+    /// A service named by an HTTP Host/:authority (`name`, `name.ns`, `name.ns.svc`, FQDN; short
+    /// names are resolved in `client_ns`, as Kubernetes DNS does).
+    pub fn service_by_host(&self, host: &str, client_ns: &str) -> Option<Arc<Service>> {
+        let host = host.trim_end_matches('.');
+        let host = match host.rsplit_once(':') {
+            Some((h, p))
+                if p.chars().all(|c| c.is_ascii_digit()) && !h.contains(']')
+                    || h.ends_with(']') =>
+            {
+                h
+            }
+            _ => host,
+        };
+        self.by_host
+            .get(host)
+            .or_else(|| self.by_host.get(&format!("{host}.{client_ns}")))
+            .cloned()
+    }
+
+    pub fn workload(&self, ip: IpAddr) -> Option<Arc<Workload>> {
+        self.pods.get(&ip.to_canonical()).cloned()
+    }
+}
+
+// === the file source ===
+
+/// Reading the directory failed (the previous snapshot keeps serving).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {reason}")]
+    Parse { path: String, reason: String },
+}
+
+/// All objects in `*.yaml`, `*.yml` and `*.json` files of a directory (multi-document), with the
+/// newest modification time seen.
+pub fn read_dir(dir: &Path) -> Result<(Vec<Value>, Option<SystemTime>), Error> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|source| Error::Read {
+            path: dir.display().to_string(),
+            source,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
+        })
+        .collect();
+    files.sort();
+    let mut objects = Vec::new();
+    let mut newest = std::fs::metadata(dir).and_then(|m| m.modified()).ok();
+    for f in files {
+        let text = std::fs::read_to_string(&f).map_err(|source| Error::Read {
+            path: f.display().to_string(),
+            source,
+        })?;
+        if let Ok(m) = std::fs::metadata(&f).and_then(|m| m.modified()) {
+            newest = newest.max(Some(m));
+        }
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let v: Value = serde::Deserialize::deserialize(doc).map_err(|e| Error::Parse {
+                path: f.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            match v {
+                Value::Null => {}
+                Value::Object(ref m) if m.get("kind").and_then(Value::as_str) == Some("List") => {
+                    objects.extend(
+                        m.get("items")
+                            .and_then(Value::as_array)
+                            .cloned()
+                            .unwrap_or_default(),
+                    );
+                }
+                other => objects.push(other),
+            }
+        }
+    }
+    Ok((objects, newest))
+}

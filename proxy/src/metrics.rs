@@ -1,0 +1,165 @@
+//! Istio's standard metrics, names and labels as Istio's telemetry produces them, so existing
+//! dashboards work. Label values come from the registry (workload and service names) or small
+//! fixed sets, so cardinality stays bounded.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Istio's labels for request and TCP metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Default)]
+pub struct Labels {
+    pub reporter: String,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_canonical_service: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_canonical_service: String,
+    pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
+    pub request_protocol: String,
+    pub response_code: String,
+    pub response_flags: String,
+    pub connection_security_policy: String,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: Family<Labels, Counter>,
+    pub duration_ms: Family<Labels, Histogram>,
+    pub request_bytes: Family<Labels, Histogram>,
+    pub response_bytes: Family<Labels, Histogram>,
+    pub tcp_opened: Family<Labels, Counter>,
+    pub tcp_closed: Family<Labels, Counter>,
+    pub tcp_sent: Family<Labels, Counter>,
+    pub tcp_received: Family<Labels, Counter>,
+    pub config_version: Gauge,
+    pub config_rejected: Counter,
+    pub loops_refused: Counter,
+}
+
+type HistFn = fn() -> Histogram;
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut root = Registry::default();
+        let istio = root.sub_registry_with_prefix("istio");
+        let ms: HistFn = || {
+            Histogram::new([
+                0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
+                10000.0, 30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+            ])
+        };
+        let bytes: HistFn = || {
+            Histogram::new([
+                1.0,
+                10.0,
+                100.0,
+                1000.0,
+                10000.0,
+                100000.0,
+                1000000.0,
+                10000000.0,
+                100000000.0,
+            ])
+        };
+        let requests = Family::<Labels, Counter>::default();
+        istio.register(
+            "requests",
+            "Requests, by Istio's standard labels",
+            requests.clone(),
+        );
+        let duration_ms = Family::<Labels, Histogram>::new_with_constructor(ms);
+        istio.register(
+            "request_duration_milliseconds",
+            "Request duration in milliseconds",
+            duration_ms.clone(),
+        );
+        let request_bytes = Family::<Labels, Histogram>::new_with_constructor(bytes);
+        istio.register(
+            "request_bytes",
+            "Request body size (from content-length)",
+            request_bytes.clone(),
+        );
+        let response_bytes = Family::<Labels, Histogram>::new_with_constructor(bytes);
+        istio.register(
+            "response_bytes",
+            "Response body size (from content-length)",
+            response_bytes.clone(),
+        );
+        let tcp_opened = Family::<Labels, Counter>::default();
+        istio.register(
+            "tcp_connections_opened",
+            "TCP connections opened",
+            tcp_opened.clone(),
+        );
+        let tcp_closed = Family::<Labels, Counter>::default();
+        istio.register(
+            "tcp_connections_closed",
+            "TCP connections closed",
+            tcp_closed.clone(),
+        );
+        let tcp_sent = Family::<Labels, Counter>::default();
+        istio.register(
+            "tcp_sent_bytes",
+            "Bytes sent to the client during TCP connections",
+            tcp_sent.clone(),
+        );
+        let tcp_received = Family::<Labels, Counter>::default();
+        istio.register(
+            "tcp_received_bytes",
+            "Bytes received from the client during TCP connections",
+            tcp_received.clone(),
+        );
+        let ferry = root.sub_registry_with_prefix("ferry_proxy");
+        let config_version = Gauge::default();
+        ferry.register(
+            "config_version",
+            "Version of the configuration snapshot in use",
+            config_version.clone(),
+        );
+        let config_rejected = Counter::default();
+        ferry.register(
+            "config_rejected",
+            "Configuration updates refused (the previous snapshot kept serving)",
+            config_rejected.clone(),
+        );
+        let loops_refused = Counter::default();
+        ferry.register(
+            "loops_refused",
+            "Connections refused because their destination was the proxy itself",
+            loops_refused.clone(),
+        );
+        Metrics {
+            registry: root,
+            requests,
+            duration_ms,
+            request_bytes,
+            response_bytes,
+            tcp_opened,
+            tcp_closed,
+            tcp_sent,
+            tcp_received,
+            config_version,
+            config_rejected,
+            loops_refused,
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

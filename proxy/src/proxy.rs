@@ -1,0 +1,648 @@
+//! The data path: a captured connection in, its original destination resolved through the current
+//! [`Snapshot`], the protocol declared or detected, then opaque TCP relay (half-close aware) or
+//! HTTP/1.1 and HTTP/2 forwarding per request over pooled upstream connections.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode, Uri};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::config::{Config, OutboundPolicy};
+use crate::detect::{self, Detected};
+use crate::discovery::{Protocol, SERVER_FIRST_PORTS, Snapshot, Target};
+use crate::metrics::{Labels, Metrics};
+use crate::transport::{self, OrigDst};
+
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Which listener a connection came in on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+impl Direction {
+    fn reporter(self) -> &'static str {
+        match self {
+            Direction::Outbound => "source",
+            Direction::Inbound => "destination",
+        }
+    }
+}
+
+/// Connects the pooled HTTP clients to an endpoint named by the request URI's authority.
+#[derive(Clone)]
+pub struct Connector {
+    inbound: bool,
+    timeout: Duration,
+}
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = TokioIo<TcpStream>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let (inbound, timeout) = (self.inbound, self.timeout);
+        Box::pin(async move {
+            let addr: SocketAddr = uri
+                .authority()
+                .and_then(|a| a.as_str().parse().ok())
+                .ok_or_else(|| std::io::Error::other(format!("no endpoint address in {uri}")))?;
+            let source = inbound.then(|| transport::inbound_source(&addr));
+            Ok(TokioIo::new(
+                transport::connect(addr, source, timeout).await?,
+            ))
+        })
+    }
+}
+
+/// Tracks open connections so a drain can wait for them.
+#[derive(Default)]
+pub struct Active {
+    count: AtomicUsize,
+    changed: tokio::sync::Notify,
+}
+
+pub struct Guard(Arc<Active>);
+
+impl Active {
+    pub fn enter(self: &Arc<Self>) -> Guard {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        Guard(self.clone())
+    }
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+    /// Wait until no connection is open.
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.changed.notified();
+            if self.count() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::SeqCst);
+        self.0.changed.notify_waiters();
+    }
+}
+
+/// Everything a connection needs; shared by all of them.
+pub struct Proxy {
+    pub cfg: Arc<Config>,
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    pub metrics: Arc<Metrics>,
+    pub orig_dst: OrigDst,
+    pub active: Arc<Active>,
+    /// Flips to true when draining: HTTP connections are then closed gracefully.
+    pub draining: watch::Receiver<bool>,
+    h1_out: Client<Connector, Incoming>,
+    h2_out: Client<Connector, Incoming>,
+    h1_in: Client<Connector, Incoming>,
+    h2_in: Client<Connector, Incoming>,
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn client(inbound: bool, h2: bool) -> Client<Connector, Incoming> {
+    let mut b = Client::builder(TokioExecutor::new());
+    b.pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(64);
+    if h2 {
+        b.http2_only(true);
+    }
+    b.build(Connector {
+        inbound,
+        timeout: CONNECT_TIMEOUT,
+    })
+}
+
+fn full(status: StatusCode, msg: &str) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(format!("{msg}\n")))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain"),
+    );
+    r
+}
+
+/// Per-connection facts used for routing and metrics.
+#[derive(Clone)]
+struct Conn {
+    dir: Direction,
+    peer: SocketAddr,
+    orig: SocketAddr,
+}
+
+impl Proxy {
+    pub fn new(
+        cfg: Arc<Config>,
+        snapshot: watch::Receiver<Arc<Snapshot>>,
+        metrics: Arc<Metrics>,
+        orig_dst: OrigDst,
+        draining: watch::Receiver<bool>,
+    ) -> Proxy {
+        Proxy {
+            cfg,
+            snapshot,
+            metrics,
+            orig_dst,
+            active: Arc::new(Active::default()),
+            draining,
+            h1_out: client(false, false),
+            h2_out: client(false, true),
+            h1_in: client(true, false),
+            h2_in: client(true, true),
+        }
+    }
+
+    fn snap(&self) -> Arc<Snapshot> {
+        self.snapshot.borrow().clone()
+    }
+
+    /// Whether `orig` is this proxy itself (a capture loop).
+    fn is_loop(&self, orig: SocketAddr) -> bool {
+        let local = orig.ip().is_loopback()
+            || orig.ip().is_unspecified()
+            || self.cfg.instance_ips.contains(&orig.ip());
+        local && self.cfg.own_ports().contains(&orig.port())
+    }
+
+    fn labels(&self, c: &Conn, snap: &Snapshot, target: &Target, protocol: &str) -> Labels {
+        let me = (
+            if self.cfg.workload_name.is_empty() {
+                self.cfg.pod_name.clone()
+            } else {
+                self.cfg.workload_name.clone()
+            },
+            self.cfg.pod_namespace.clone(),
+        );
+        let peer = snap
+            .workload(c.peer.ip())
+            .map(|w| (w.name.clone(), w.namespace.clone()));
+        let unknown = || ("unknown".to_owned(), "unknown".to_owned());
+        let (src, dst) = match c.dir {
+            Direction::Outbound => {
+                let dst = match target {
+                    Target::Pod { workload, .. } => {
+                        (workload.name.clone(), workload.namespace.clone())
+                    }
+                    _ => unknown(),
+                };
+                (me, dst)
+            }
+            Direction::Inbound => (peer.unwrap_or_else(unknown), me),
+        };
+        let (svc, svc_name, svc_ns) = match target {
+            Target::Service { service, .. } => (
+                service.hostname(&self.cfg.cluster_domain),
+                service.name.clone(),
+                service.namespace.clone(),
+            ),
+            Target::Pod { addr, .. } | Target::Unknown(addr) => {
+                (addr.to_string(), "unknown".into(), "unknown".into())
+            }
+        };
+        Labels {
+            reporter: c.dir.reporter().into(),
+            source_canonical_service: src.0.clone(),
+            source_workload: src.0,
+            source_workload_namespace: src.1,
+            destination_canonical_service: dst.0.clone(),
+            destination_workload: dst.0,
+            destination_workload_namespace: dst.1,
+            destination_service: svc,
+            destination_service_name: svc_name,
+            destination_service_namespace: svc_ns,
+            request_protocol: protocol.into(),
+            response_code: String::new(),
+            response_flags: "-".into(),
+            connection_security_policy: "none".into(),
+        }
+    }
+
+    /// Serve one accepted connection to completion.
+    pub async fn handle(self: Arc<Self>, dir: Direction, stream: TcpStream, peer: SocketAddr) {
+        let _guard = self.active.enter();
+        let orig = match self.orig_dst.of(&stream) {
+            Ok(o) => o,
+            Err(e) => {
+                warn!(%peer, error = %e, "no original destination: connection not captured by iptables? closing");
+                return;
+            }
+        };
+        let span = info_span!("conn", dir = ?dir, client.addr = %peer, orig_dst = %orig);
+        async move {
+            if self.is_loop(orig) {
+                self.metrics.loops_refused.inc();
+                warn!("original destination is the proxy's own listener: refusing to loop");
+                return;
+            }
+            let _ = stream.set_nodelay(true);
+            let snap = self.snap();
+            let target = match dir {
+                Direction::Outbound => snap.target(orig),
+                Direction::Inbound => crate::discovery::Target::Unknown(orig),
+            };
+            let declared = match &target {
+                Target::Service { service, port } => service
+                    .port(*port)
+                    .map(|p| p.protocol)
+                    .unwrap_or(Protocol::Unknown),
+                _ => Protocol::Unknown,
+            };
+            let detected = match declared {
+                Protocol::Tcp | Protocol::Tls => Detected::Opaque,
+                Protocol::Http | Protocol::Http2 | Protocol::Grpc => {
+                    detect::detect(&stream, self.cfg.detection_timeout).await
+                }
+                // Server-first protocols: the client may never speak first.
+                Protocol::Unknown if SERVER_FIRST_PORTS.contains(&orig.port()) => Detected::Opaque,
+                Protocol::Unknown => detect::detect(&stream, self.cfg.detection_timeout).await,
+            };
+            debug!(?declared, ?detected, "protocol");
+            let c = Conn { dir, peer, orig };
+            match detected {
+                Detected::Http1 | Detected::Http2 => self.serve_http(c, stream).await,
+                _ => self.relay_tcp(c, stream, snap, target).await,
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Pick the upstream for a TCP connection.
+    fn tcp_upstream(&self, c: &Conn, target: &Target) -> Result<SocketAddr, &'static str> {
+        match (c.dir, target) {
+            (Direction::Inbound, _) => Ok(c.orig),
+            (_, Target::Service { service, port }) => service
+                .pick(*port)
+                .map(|e| e.addr)
+                .ok_or("no healthy endpoint"),
+            (_, Target::Pod { addr, .. }) => Ok(*addr),
+            (_, Target::Unknown(addr)) => match self.cfg.outbound_policy {
+                OutboundPolicy::AllowAny => Ok(*addr),
+                OutboundPolicy::RegistryOnly => {
+                    Err("destination not in the registry (REGISTRY_ONLY)")
+                }
+            },
+        }
+    }
+
+    async fn relay_tcp(&self, c: Conn, mut down: TcpStream, snap: Arc<Snapshot>, target: Target) {
+        let mut labels = self.labels(&c, &snap, &target, "tcp");
+        let upstream = match self.tcp_upstream(&c, &target) {
+            Ok(a) => a,
+            Err(why) => {
+                labels.response_flags = if why.starts_with("no healthy") {
+                    "UH".into()
+                } else {
+                    "NR".into()
+                };
+                self.metrics.tcp_opened.get_or_create(&labels).inc();
+                self.metrics.tcp_closed.get_or_create(&labels).inc();
+                info!(reason = why, "closing TCP connection");
+                return;
+            }
+        };
+        self.metrics.tcp_opened.get_or_create(&labels).inc();
+        let source = (c.dir == Direction::Inbound).then(|| transport::inbound_source(&upstream));
+        let started = Instant::now();
+        match transport::connect(upstream, source, CONNECT_TIMEOUT).await {
+            Ok(mut up) => {
+                // copy_bidirectional shuts down each write side when its read side ends, so a
+                // half-close travels through and the other direction keeps flowing.
+                let (sent_up, sent_down) =
+                    match tokio::io::copy_bidirectional(&mut down, &mut up).await {
+                        Ok(x) => x,
+                        Err(e) => {
+                            debug!(error = %e, "TCP relay ended with an error");
+                            (0, 0)
+                        }
+                    };
+                self.metrics
+                    .tcp_received
+                    .get_or_create(&labels)
+                    .inc_by(sent_up);
+                self.metrics
+                    .tcp_sent
+                    .get_or_create(&labels)
+                    .inc_by(sent_down);
+                if self.cfg.access_log {
+                    println!(
+                        "{}",
+                        serde_json::json!({"kind": "tcp", "direction": format!("{:?}", c.dir), "client": c.peer.to_string(), "orig_dst": c.orig.to_string(), "upstream": upstream.to_string(), "received": sent_up, "sent": sent_down, "duration_ms": started.elapsed().as_millis() as u64})
+                    );
+                }
+            }
+            Err(e) => {
+                labels.response_flags = "UF".into();
+                info!(%upstream, error = %e, "upstream connect failed; closing");
+            }
+        }
+        self.metrics.tcp_closed.get_or_create(&labels).inc();
+    }
+
+    async fn serve_http(self: &Arc<Self>, c: Conn, stream: TcpStream) {
+        let this = self.clone();
+        let conn = c.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let this = this.clone();
+            let c = conn.clone();
+            async move { Ok::<_, Infallible>(this.route(c, req).await) }
+        });
+        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        let served = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+        tokio::pin!(served);
+        let mut draining = self.draining.clone();
+        tokio::select! {
+            r = served.as_mut() => { if let Err(e) = r { debug!(error = %e, "HTTP connection ended with an error"); } return; }
+            _ = draining.wait_for(|d| *d) => {}
+        }
+        // Draining: GOAWAY (HTTP/2) or Connection: close after the current request (HTTP/1.1).
+        served.as_mut().graceful_shutdown();
+        if let Err(e) = served.await {
+            debug!(error = %e, "HTTP connection ended with an error while draining");
+        }
+    }
+
+    async fn route(&self, c: Conn, mut req: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let snap = self.snap();
+        let authority = req
+            .headers()
+            .get(hyper::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| req.uri().authority().map(|a| a.to_string()));
+        let target = match c.dir {
+            Direction::Inbound => Target::Unknown(c.orig),
+            Direction::Outbound => match authority
+                .as_deref()
+                .and_then(|h| snap.service_by_host(h, &self.cfg.pod_namespace))
+            {
+                Some(service) => {
+                    let host_port = authority
+                        .as_deref()
+                        .and_then(|h| h.rsplit_once(':'))
+                        .and_then(|(_, p)| p.parse::<u16>().ok());
+                    let port = [host_port, Some(c.orig.port())]
+                        .into_iter()
+                        .flatten()
+                        .find(|p| service.port(*p).is_some())
+                        .or_else(|| service.ports.first().map(|p| p.port))
+                        .unwrap_or(c.orig.port());
+                    Target::Service { service, port }
+                }
+                None => snap.target(c.orig),
+            },
+        };
+        let h2_down = req.version() == hyper::Version::HTTP_2;
+        let protocol = match (&target, h2_down) {
+            (Target::Service { service, port }, _)
+                if service.port(*port).map(|p| p.protocol) == Some(Protocol::Grpc) =>
+            {
+                "grpc"
+            }
+            (_, true)
+                if req
+                    .headers()
+                    .get(hyper::header::CONTENT_TYPE)
+                    .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")) =>
+            {
+                "grpc"
+            }
+            (_, true) => "http2",
+            _ => "http",
+        };
+        let mut labels = self.labels(&c, &snap, &target, protocol);
+        let endpoint = match c.dir {
+            Direction::Inbound => Ok(c.orig),
+            Direction::Outbound => self.tcp_upstream(&c, &target),
+        };
+        let endpoint = match endpoint {
+            Ok(e) => e,
+            Err(why) => {
+                let (status, flag) = if why.starts_with("no healthy") {
+                    (StatusCode::SERVICE_UNAVAILABLE, "UH")
+                } else {
+                    (StatusCode::BAD_GATEWAY, "NR")
+                };
+                labels.response_flags = flag.into();
+                return self.finish(
+                    labels,
+                    started,
+                    full(
+                        status,
+                        if flag == "UH" {
+                            "no healthy upstream"
+                        } else {
+                            why
+                        },
+                    ),
+                    &c,
+                    &req_line(&req),
+                    None,
+                );
+            }
+        };
+        let line = req_line(&req);
+        let req_len = req
+            .headers()
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        // Point the request at the endpoint; keep Host (HTTP/1.1) so the app sees what the client sent.
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_else(|| "/".into());
+        let uri: Uri = match format!("http://{endpoint}{pq}").parse() {
+            Ok(u) => u,
+            Err(_) => {
+                return self.finish(
+                    labels,
+                    started,
+                    full(StatusCode::BAD_REQUEST, "bad request target"),
+                    &c,
+                    &line,
+                    req_len,
+                );
+            }
+        };
+        if let Some(a) = &authority
+            && !req.headers().contains_key(hyper::header::HOST)
+            && let Ok(v) = hyper::header::HeaderValue::from_str(a)
+        {
+            req.headers_mut().insert(hyper::header::HOST, v);
+        }
+        *req.uri_mut() = uri;
+        let upgrade = !h2_down && req.headers().contains_key(hyper::header::UPGRADE);
+        if upgrade {
+            let resp = self.upgrade(c.dir, endpoint, req).await;
+            return self.finish(labels, started, resp, &c, &line, req_len);
+        }
+        let declared_h2 = matches!(&target, Target::Service { service, port } if service.port(*port).is_some_and(|p| matches!(p.protocol, Protocol::Http2 | Protocol::Grpc)));
+        let use_h2 = h2_down || declared_h2;
+        *req.version_mut() = if use_h2 {
+            hyper::Version::HTTP_2
+        } else {
+            hyper::Version::HTTP_11
+        };
+        if use_h2 {
+            req.headers_mut().remove(hyper::header::HOST);
+        }
+        let client = match (c.dir, use_h2) {
+            (Direction::Outbound, false) => &self.h1_out,
+            (Direction::Outbound, true) => &self.h2_out,
+            (Direction::Inbound, false) => &self.h1_in,
+            (Direction::Inbound, true) => &self.h2_in,
+        };
+        let resp = match client.request(req).await {
+            Ok(r) => r.map(|b| b.boxed()),
+            Err(e) => {
+                let timed_out = std::error::Error::source(&e)
+                    .and_then(|s| s.downcast_ref::<std::io::Error>())
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+                    || format!("{e:?}").contains("TimedOut");
+                let (status, flag, msg) = if timed_out {
+                    (
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "UT",
+                        "upstream connect timeout",
+                    )
+                } else if e.is_connect() {
+                    (
+                        StatusCode::BAD_GATEWAY,
+                        "UF",
+                        "upstream connect error: connection refused",
+                    )
+                } else {
+                    (
+                        StatusCode::BAD_GATEWAY,
+                        "UC",
+                        "upstream reset before response",
+                    )
+                };
+                labels.response_flags = flag.into();
+                debug!(error = ?e, %endpoint, "upstream request failed");
+                full(status, msg)
+            }
+        };
+        self.finish(labels, started, resp, &c, &line, req_len)
+    }
+
+    /// HTTP/1.1 Upgrade (websocket): forward the handshake on a fresh connection, then relay bytes.
+    async fn upgrade(
+        &self,
+        dir: Direction,
+        endpoint: SocketAddr,
+        mut req: Request<Incoming>,
+    ) -> Response<Body> {
+        let source = (dir == Direction::Inbound).then(|| transport::inbound_source(&endpoint));
+        let up = match transport::connect(endpoint, source, CONNECT_TIMEOUT).await {
+            Ok(s) => s,
+            Err(_) => {
+                return full(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream connect error: connection refused",
+                );
+            }
+        };
+        let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(up)).await
+        {
+            Ok(x) => x,
+            Err(_) => return full(StatusCode::BAD_GATEWAY, "upstream handshake failed"),
+        };
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        let down_upgrade = hyper::upgrade::on(&mut req);
+        let mut resp = match sender.send_request(req).await {
+            Ok(r) => r,
+            Err(_) => return full(StatusCode::BAD_GATEWAY, "upstream reset before response"),
+        };
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let up_upgrade = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                if let (Ok(d), Ok(u)) = (down_upgrade.await, up_upgrade.await) {
+                    let _ =
+                        tokio::io::copy_bidirectional(&mut TokioIo::new(d), &mut TokioIo::new(u))
+                            .await;
+                }
+            });
+        }
+        resp.map(|b| b.boxed())
+    }
+
+    fn finish(
+        &self,
+        mut labels: Labels,
+        started: Instant,
+        resp: Response<Body>,
+        c: &Conn,
+        line: &str,
+        req_len: Option<u64>,
+    ) -> Response<Body> {
+        labels.response_code = resp.status().as_u16().to_string();
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        self.metrics.requests.get_or_create(&labels).inc();
+        self.metrics.duration_ms.get_or_create(&labels).observe(ms);
+        self.metrics
+            .request_bytes
+            .get_or_create(&labels)
+            .observe(req_len.unwrap_or(0) as f64);
+        let resp_len = resp
+            .headers()
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        self.metrics
+            .response_bytes
+            .get_or_create(&labels)
+            .observe(resp_len as f64);
+        if self.cfg.access_log {
+            println!(
+                "{}",
+                serde_json::json!({"kind": "http", "direction": format!("{:?}", c.dir), "client": c.peer.to_string(), "orig_dst": c.orig.to_string(), "request": line, "code": resp.status().as_u16(), "flags": labels.response_flags, "service": labels.destination_service, "duration_ms": ms})
+            );
+        }
+        resp
+    }
+}
+
+fn req_line(req: &Request<Incoming>) -> String {
+    format!("{} {} {:?}", req.method(), req.uri().path(), req.version())
+}

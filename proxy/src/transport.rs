@@ -1,0 +1,73 @@
+//! Accepting captured connections: the original destination (`SO_ORIGINAL_DST`, IPv4 then IPv6,
+//! canonicalized), and connecting upstream (inbound from 127.0.0.6 / ::6, the source `init`
+//! exempts from capture, so nothing loops).
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Where the original destination comes from.
+#[derive(Clone, Copy, Debug)]
+pub enum OrigDst {
+    /// The kernel (iptables REDIRECT).
+    Kernel,
+    /// A fixed address (in-process tests without iptables).
+    #[cfg(any(test, feature = "test-util"))]
+    Fixed(SocketAddr),
+}
+
+impl OrigDst {
+    pub fn of(&self, s: &TcpStream) -> io::Result<SocketAddr> {
+        match self {
+            OrigDst::Kernel => {
+                let sock = socket2::SockRef::from(s);
+                let addr = match s.local_addr()? {
+                    SocketAddr::V4(_) => sock.original_dst_v4(),
+                    SocketAddr::V6(_) => sock.original_dst_v6().or_else(|_| sock.original_dst_v4()),
+                }?;
+                let a = addr
+                    .as_socket()
+                    .ok_or_else(|| io::Error::other("original destination is not an IP address"))?;
+                Ok(SocketAddr::new(a.ip().to_canonical(), a.port()))
+            }
+            #[cfg(any(test, feature = "test-util"))]
+            OrigDst::Fixed(a) => Ok(*a),
+        }
+    }
+}
+
+/// The inbound passthrough source: connections to the app come from here.
+pub fn inbound_source(dst: &SocketAddr) -> SocketAddr {
+    match dst {
+        SocketAddr::V4(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6)), 0),
+        SocketAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6)), 0),
+    }
+}
+
+/// Connect, optionally from a source address, within `timeout`.
+pub async fn connect(
+    dst: SocketAddr,
+    source: Option<SocketAddr>,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let sock = match dst {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    if let Some(src) = source {
+        sock.bind(src)
+            .map_err(|e| io::Error::new(e.kind(), format!("binding source {src}: {e}")))?;
+    }
+    let s = tokio::time::timeout(timeout, sock.connect(dst))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connecting to {dst} timed out"),
+            )
+        })??;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
