@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 pub mod jsondiff;
 pub mod netns;
 pub mod tls;
+pub mod upstream;
 
 /// `shared/conformance/istio`: `FERRY_CONFORMANCE_DIR` if set, else the first ancestor of this
 /// package that has `shared/conformance/istio`. Panics with the paths it tried: a missing oracle

@@ -1,0 +1,179 @@
+//! Test upstreams: an HTTP server (HTTP/1.1 and HTTP/2, trailers, slow responses, websocket-style
+//! upgrade) that says who it is and what it received, and raw TCP servers (echo with half-close,
+//! server-first greeting).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Bytes, Frame, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+fn full(s: impl Into<Bytes>) -> Body {
+    Full::new(s.into()).boxed()
+}
+
+async fn handle(
+    name: String,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_owned();
+    let host = req
+        .headers()
+        .get("host")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .unwrap_or_default();
+    let version = format!("{:?}", req.version());
+    if path == "/ws" {
+        // Minimal upgrade handshake, then echo bytes.
+        let mut req = req;
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = on.await {
+                let mut io = TokioIo::new(up);
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let mut r = Response::new(full(""));
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        r.headers_mut()
+            .insert("upgrade", "websocket".parse().expect("header"));
+        r.headers_mut()
+            .insert("connection", "upgrade".parse().expect("header"));
+        return Ok(r);
+    }
+    if let Some(ms) = path
+        .strip_prefix("/slow/")
+        .and_then(|m| m.parse::<u64>().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let info = serde_json::json!({"server": name, "path": path, "host": host, "version": version, "peer": peer.to_string(), "body_len": body.len()});
+    if path == "/trailers" {
+        let frames: Vec<Result<Frame<Bytes>, Infallible>> = vec![
+            Ok(Frame::data(Bytes::from(info.to_string()))),
+            Ok(Frame::trailers({
+                let mut t = hyper::HeaderMap::new();
+                t.insert("grpc-status", "0".parse().expect("header"));
+                t.insert("grpc-message", "ok".parse().expect("header"));
+                t
+            })),
+        ];
+        let mut r = Response::new(StreamBody::new(futures_lite_iter(frames)).boxed());
+        r.headers_mut()
+            .insert("content-type", "application/grpc".parse().expect("header"));
+        return Ok(r);
+    }
+    let mut r = Response::new(full(info.to_string()));
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().expect("header"));
+    Ok(r)
+}
+
+fn futures_lite_iter(
+    frames: Vec<Result<Frame<Bytes>, Infallible>>,
+) -> impl futures_core::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send + Sync {
+    struct Iter(std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>);
+    impl futures_core::Stream for Iter {
+        type Item = Result<Frame<Bytes>, Infallible>;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Self::Item>> {
+            std::task::Poll::Ready(self.0.next())
+        }
+    }
+    Iter(frames.into_iter())
+}
+
+/// Serve HTTP (h1 and h2c prior knowledge) on an already bound listener forever.
+pub async fn serve_http(listener: TcpListener, name: String) {
+    loop {
+        let Ok((s, peer)) = listener.accept().await else {
+            continue;
+        };
+        let name = name.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| handle(name.clone(), peer, req));
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(s), svc)
+                .await;
+        });
+    }
+}
+
+/// Start an HTTP upstream on 127.0.0.1:0; returns its address.
+pub async fn http(name: &str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let a = l.local_addr().expect("addr");
+    tokio::spawn(serve_http(l, name.to_owned()));
+    a
+}
+
+/// Echo server: echoes until the client half-closes, then writes "bye" and closes.
+pub async fn echo() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let a = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                let _ = s.write_all(b"bye").await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    a
+}
+
+/// A server-first protocol: greets immediately on accept, before the client says anything.
+pub async fn server_first(greeting: &'static [u8]) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let a = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let _ = s.write_all(greeting).await;
+                let mut buf = [0u8; 64];
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    a
+}

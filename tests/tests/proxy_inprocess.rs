@@ -1,0 +1,422 @@
+//! The proxy's data path in-process: real sockets and real upstreams, with the original
+//! destination fixed per proxy instead of read from iptables (the netns tests do that part).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ferry_proxy::app::{self, Running};
+use ferry_proxy::config::{Args, Config, OutboundPolicy, Ports};
+use ferry_proxy::transport::OrigDst;
+use ferry_tests::upstream;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn config(dir: Option<PathBuf>, policy: OutboundPolicy) -> Config {
+    let env: HashMap<String, String> = [
+        ("POD_NAME", "client-1"),
+        ("POD_NAMESPACE", "default"),
+        ("ISTIO_META_WORKLOAD_NAME", "client"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let args = Args {
+        command: Some("proxy".into()),
+        rest: vec!["sidecar".into()],
+        config_dir: dir,
+        ..Args::default()
+    };
+    let mut cfg = Config::from_args(&args, &env).expect("config");
+    cfg.ports = Ports {
+        outbound: 0,
+        inbound: 0,
+        health: 0,
+        prometheus: 0,
+        status: 0,
+        admin: "127.0.0.1:0".parse().expect("addr"),
+    };
+    cfg.outbound_policy = policy;
+    cfg.drain = Duration::from_secs(5);
+    cfg
+}
+
+struct P {
+    running: Running,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+async fn proxy(orig: SocketAddr, dir: Option<PathBuf>, policy: OutboundPolicy) -> P {
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let running = app::start(config(dir, policy), OrigDst::Fixed(orig), rx)
+        .await
+        .expect("start");
+    P { running, stop }
+}
+
+fn local(a: SocketAddr) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], a.port()))
+}
+
+async fn get(addr: SocketAddr, path: &str, host: &str) -> (u16, String) {
+    let s = TcpStream::connect(addr).await.expect("connect");
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header("host", host)
+        .body(Full::new(Bytes::new()))
+        .expect("req");
+    let resp = tx.send_request(req).await.expect("response");
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ferry-proxy-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("dir");
+    d
+}
+
+fn registry(service_ip: &str, port: u16, endpoints: &[SocketAddr], port_name: &str) -> String {
+    let eps: Vec<String> = endpoints
+        .iter()
+        .map(|e| {
+            format!(
+                "  - addresses: [\"{}\"]\n    conditions: {{ready: true}}",
+                e.ip()
+            )
+        })
+        .collect();
+    let ep_port = endpoints.first().map(|e| e.port()).unwrap_or(1);
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  clusterIP: {service_ip}\n  ports: [{{name: {port_name}, port: {port}, targetPort: {ep_port}}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: reviews-abc\n  namespace: default\n  labels: {{kubernetes.io/service-name: reviews}}\naddressType: IPv4\nports: [{{name: {port_name}, port: {ep_port}}}]\nendpoints:\n{}\n",
+        if eps.is_empty() {
+            "  []".to_owned()
+        } else {
+            eps.join("\n")
+        }
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opaque_tcp_with_half_close_and_server_first_without_stall() {
+    let echo = upstream::echo().await;
+    let p = proxy(echo, None, OutboundPolicy::AllowAny).await;
+    let mut s = TcpStream::connect(local(p.running.addrs.outbound))
+        .await
+        .expect("connect");
+    s.write_all(b"\x00\x01binary").await.expect("write");
+    let mut buf = vec![0u8; 8];
+    s.read_exact(&mut buf).await.expect("echo");
+    assert_eq!(&buf, b"\x00\x01binary");
+    // Half-close: our write side ends, the server still answers on its side.
+    s.shutdown().await.expect("shutdown");
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest)
+        .await
+        .expect("read after half-close");
+    assert_eq!(rest, b"bye");
+
+    // A server that speaks first: the client says nothing and still gets the greeting.
+    let greeter = upstream::server_first(b"220 smtp ready\r\n").await;
+    let p2 = proxy(greeter, None, OutboundPolicy::AllowAny).await;
+    let mut s = TcpStream::connect(local(p2.running.addrs.outbound))
+        .await
+        .expect("connect");
+    let mut greet = [0u8; 16];
+    tokio::time::timeout(Duration::from_secs(3), s.read_exact(&mut greet))
+        .await
+        .expect("greeting did not stall")
+        .expect("read");
+    assert_eq!(&greet, b"220 smtp ready\r\n");
+    let m = p.running.metrics.encode();
+    assert!(
+        m.contains("istio_tcp_connections_opened_total{reporter=\"source\""),
+        "{m}"
+    );
+    let _ = (p.stop.send(true), p2.stop.send(true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_keepalive_host_routing_and_errors() {
+    let up = upstream::http("reviews-v1").await;
+    let dir = tmpdir("http1");
+    std::fs::write(
+        dir.join("registry.yaml"),
+        registry("10.96.0.20", 9080, &[up], "http"),
+    )
+    .expect("write");
+    // The original destination is the ClusterIP; the snapshot maps it to the endpoint.
+    let p = proxy(
+        "10.96.0.20:9080".parse().expect("addr"),
+        Some(dir.clone()),
+        OutboundPolicy::RegistryOnly,
+    )
+    .await;
+    let out = local(p.running.addrs.outbound);
+    for _ in 0..50 {
+        if p.running.readiness.check().is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let s = TcpStream::connect(out).await.expect("connect");
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    for i in 0..3 {
+        let req = hyper::Request::post(format!("/item/{i}"))
+            .header("host", "reviews:9080")
+            .body(Full::new(Bytes::from(vec![b'x'; 1000])))
+            .expect("req");
+        let resp = tx.send_request(req).await.expect("keep-alive request");
+        assert_eq!(resp.status(), 200);
+        let body: serde_json::Value =
+            serde_json::from_slice(&resp.into_body().collect().await.expect("body").to_bytes())
+                .expect("json");
+        assert_eq!(body["server"], "reviews-v1");
+        assert_eq!(body["host"], "reviews:9080", "Host preserved");
+        assert_eq!(body["body_len"], 1000);
+    }
+    let m = p.running.metrics.encode();
+    assert!(
+        m.contains("destination_service=\"reviews.default.svc.cluster.local\""),
+        "{m}"
+    );
+    assert!(
+        m.contains("response_code=\"200\"") && m.contains("source_workload=\"client\""),
+        "{m}"
+    );
+
+    // No endpoints: 503; endpoint refusing: 502; unknown destination under REGISTRY_ONLY: 502.
+    std::fs::write(
+        dir.join("registry.yaml"),
+        registry("10.96.0.20", 9080, &[], "http"),
+    )
+    .expect("write");
+    let mut code = 0;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        code = get(out, "/", "reviews").await.0;
+        if code == 503 {
+            break;
+        }
+    }
+    assert_eq!(code, 503, "no healthy upstream");
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    std::fs::write(
+        dir.join("registry.yaml"),
+        registry("10.96.0.20", 9080, &[closed], "http"),
+    )
+    .expect("write");
+    let mut code = 0;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        code = get(out, "/", "reviews").await.0;
+        if code == 502 {
+            break;
+        }
+    }
+    assert_eq!(code, 502, "connection refused");
+    let p2 = proxy(
+        "192.0.2.10:80".parse().expect("addr"),
+        Some(dir.clone()),
+        OutboundPolicy::RegistryOnly,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        get(local(p2.running.addrs.outbound), "/", "example.com")
+            .await
+            .0,
+        502,
+        "REGISTRY_ONLY refuses unknown destinations"
+    );
+    let _ = (p.stop.send(true), p2.stop.send(true));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_trailers_and_websocket_upgrade() {
+    let up = upstream::http("grpc-ish").await;
+    let p = proxy(up, None, OutboundPolicy::AllowAny).await;
+    let out = local(p.running.addrs.outbound);
+    // HTTP/2 prior knowledge, gRPC-style trailers come through.
+    let s = TcpStream::connect(out).await.expect("connect");
+    let (mut tx, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    let req = hyper::Request::post("http://svc/trailers")
+        .header("content-type", "application/grpc")
+        .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+        .expect("req");
+    let resp = tx.send_request(req).await.expect("h2 response");
+    assert_eq!(resp.status(), 200);
+    let collected = resp.into_body().collect().await.expect("body");
+    let trailers = collected.trailers().cloned().expect("trailers forwarded");
+    assert_eq!(
+        trailers.get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"0"[..])
+    );
+    let body: serde_json::Value = serde_json::from_slice(&collected.to_bytes()).expect("json");
+    assert_eq!(body["version"], "HTTP/2.0", "HTTP/2 end to end");
+    let m = p.running.metrics.encode();
+    assert!(m.contains("request_protocol=\"grpc\""), "{m}");
+
+    // Upgrade: the handshake is forwarded, then bytes flow both ways.
+    let mut s = TcpStream::connect(out).await.expect("connect");
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: svc\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).await.expect("read head");
+        head.push(byte[0]);
+    }
+    assert!(
+        String::from_utf8_lossy(&head).starts_with("HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    s.write_all(b"ping over the upgraded connection")
+        .await
+        .expect("write");
+    let mut echo = vec![0u8; 33];
+    s.read_exact(&mut echo).await.expect("echo");
+    assert_eq!(&echo, b"ping over the upgraded connection");
+    let _ = p.stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_comes_from_127_0_0_6_and_readiness_follows_sync_and_drain() {
+    let app_addr = upstream::http("app").await;
+    let dir = tmpdir("ready").join("missing");
+    let p = proxy(app_addr, Some(dir.clone()), OutboundPolicy::AllowAny).await;
+    // The configuration directory does not exist yet: not ready, and it says why.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let health = local(p.running.addrs.health);
+    let (code, body) = get(health, "/healthz/ready", "x").await;
+    assert_eq!(code, 503);
+    assert!(body.contains("initial configuration sync"), "{body}");
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(dir.join("empty.yaml"), "").expect("write");
+    let mut ready = false;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if get(health, "/healthz/ready", "x").await.0 == 200 {
+            ready = true;
+            break;
+        }
+    }
+    assert!(ready, "ready after the first sync");
+
+    let (code, body) = get(local(p.running.addrs.inbound), "/hello", "app.local").await;
+    assert_eq!(code, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert!(
+        v["peer"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("127.0.0.6:")),
+        "inbound source is 127.0.0.6: {v}"
+    );
+
+    // Drain with a slow request in flight: it completes; readiness fails meanwhile.
+    let inbound = local(p.running.addrs.inbound);
+    let slow = tokio::spawn(async move { get(inbound, "/slow/700", "app.local").await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    p.stop.send(true).expect("shutdown");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        get(health, "/healthz/ready", "x").await.0,
+        503,
+        "draining is not ready"
+    );
+    let (code, _) = slow.await.expect("slow request");
+    assert_eq!(code, 200, "the in-flight request finished during the drain");
+    tokio::time::timeout(Duration::from_secs(5), p.running.done)
+        .await
+        .expect("proxy stops once idle")
+        .expect("join");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_change_keeps_long_lived_connections_and_loops_are_refused() {
+    let echo = upstream::echo().await;
+    let dir = tmpdir("change");
+    std::fs::write(
+        dir.join("r.yaml"),
+        registry("10.96.0.30", 7000, &[echo], "tcp"),
+    )
+    .expect("write");
+    let p = proxy(
+        "10.96.0.30:7000".parse().expect("addr"),
+        Some(dir.clone()),
+        OutboundPolicy::RegistryOnly,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut s = TcpStream::connect(local(p.running.addrs.outbound))
+        .await
+        .expect("connect");
+    s.write_all(b"one").await.expect("write");
+    let mut b = [0u8; 3];
+    s.read_exact(&mut b).await.expect("read");
+    let v0 = p.running.snapshot.borrow().version;
+    // A config change: the service now has no endpoints at all.
+    std::fs::write(dir.join("r.yaml"), registry("10.96.0.30", 7000, &[], "tcp")).expect("write");
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if p.running.snapshot.borrow().version > v0 {
+            break;
+        }
+    }
+    assert!(p.running.snapshot.borrow().version > v0, "snapshot swapped");
+    s.write_all(b"two").await.expect("write after change");
+    s.read_exact(&mut b)
+        .await
+        .expect("the open connection survives the change");
+    assert_eq!(&b, b"two");
+
+    // A connection whose original destination is the proxy's own listener is refused.
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let mut cfg = config(None, OutboundPolicy::AllowAny);
+    cfg.ports.outbound = 25001;
+    let looped = app::start(
+        cfg,
+        OrigDst::Fixed("127.0.0.1:25001".parse().expect("addr")),
+        rx,
+    )
+    .await
+    .expect("start");
+    let mut s = TcpStream::connect("127.0.0.1:25001")
+        .await
+        .expect("connect");
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf).await;
+    assert!(buf.is_empty(), "closed without a byte");
+    assert!(
+        looped
+            .metrics
+            .encode()
+            .contains("ferry_proxy_loops_refused_total 1")
+    );
+    let _ = (p.stop.send(true), stop.send(true));
+    let _ = std::fs::remove_dir_all(&dir);
+}
