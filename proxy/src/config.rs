@@ -24,13 +24,9 @@ pub struct Args {
     /// `proxy` (Istio's first argument), or `request`/`wait` (pilot-agent's helper commands)
     #[arg(value_name = "COMMAND")]
     pub command: Option<String>,
-    /// `sidecar` (or `router` for a gateway, not supported yet), then the helper's arguments
-    #[arg(
-        value_name = "ARGS",
-        allow_hyphen_values = true,
-        trailing_var_arg = true
-    )]
-    pub rest: Vec<String>,
+    /// `sidecar` (or `router` for a gateway, not supported yet)
+    #[arg(value_name = "TYPE")]
+    pub kind: Option<String>,
     /// DNS domain of the pod's namespace (`$(POD_NAMESPACE).svc.cluster.local`)
     #[arg(long)]
     pub domain: Option<String>,
@@ -198,7 +194,7 @@ impl Config {
             None | Some("proxy") => {}
             Some(other) => return Err(bad("command", other, "expected `proxy sidecar`")),
         }
-        if let Some(mode) = args.rest.first()
+        if let Some(mode) = &args.kind
             && mode != "sidecar"
         {
             return Err(bad(

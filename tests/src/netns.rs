@@ -331,6 +331,30 @@ fn serve(l: TcpListener, tx: mpsc::Sender<Arrival>, stop: Arc<AtomicBool>) {
     }
 }
 
+/// A listening socket created inside `ns` (the socket keeps that namespace).
+pub fn bind_in(ns: &str, addr: SocketAddr) -> std::net::TcpListener {
+    let path = format!("/var/run/netns/{ns}");
+    thread::spawn(move || {
+        let f = std::fs::File::open(&path).expect("open netns");
+        nix::sched::setns(f, CloneFlags::CLONE_NEWNET).expect("setns");
+        let l = std::net::TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        l.set_nonblocking(true).expect("nonblocking");
+        l
+    })
+    .join()
+    .expect("bind thread")
+}
+
+/// A child process killed (and reaped) on drop.
+pub struct Child(pub std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A fresh token per connection attempt, so arrivals can't be confused.
 pub fn token(label: &str) -> String {
     format!(

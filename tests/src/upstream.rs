@@ -134,7 +134,13 @@ pub async fn http(name: &str) -> SocketAddr {
 pub async fn echo() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let a = l.local_addr().expect("addr");
-    tokio::spawn(async move {
+    tokio::spawn(serve_echo(l));
+    a
+}
+
+/// The echo server on an already bound listener.
+pub async fn serve_echo(l: TcpListener) {
+    {
         loop {
             let Ok((mut s, _)) = l.accept().await else {
                 continue;
@@ -155,8 +161,7 @@ pub async fn echo() -> SocketAddr {
                 let _ = s.shutdown().await;
             });
         }
-    });
-    a
+    }
 }
 
 /// A server-first protocol: greets immediately on accept, before the client says anything.

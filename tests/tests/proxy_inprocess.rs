@@ -27,7 +27,7 @@ fn config(dir: Option<PathBuf>, policy: OutboundPolicy) -> Config {
     .collect();
     let args = Args {
         command: Some("proxy".into()),
-        rest: vec!["sidecar".into()],
+        kind: Some("sidecar".into()),
         config_dir: dir,
         ..Args::default()
     };

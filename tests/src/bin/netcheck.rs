@@ -7,8 +7,48 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::ExitCode;
 use std::time::Duration;
 
+/// `ferry-netcheck http ADDR PATH HOST`: one HTTP/1.1 GET, prints `STATUS BODY`.
+fn http(addr: SocketAddr, path: &str, host: &str) -> std::io::Result<String> {
+    use std::io::Read;
+    let timeout = Duration::from_secs(5);
+    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let status = buf.split_whitespace().nth(1).unwrap_or("?").to_owned();
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok(format!("{status} {body}"))
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("http") {
+        let (Some(addr), Some(path), Some(host)) = (
+            args.get(2).and_then(|a| a.parse().ok()),
+            args.get(3),
+            args.get(4),
+        ) else {
+            eprintln!("usage: ferry-netcheck http ADDR PATH HOST");
+            return ExitCode::from(2);
+        };
+        return match http(addr, path, host) {
+            Ok(out) => {
+                println!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let (Some("connect"), Some(addr), Some(token)) =
         (args.get(1).map(String::as_str), args.get(2), args.get(3))
     else {

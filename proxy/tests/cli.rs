@@ -1,0 +1,78 @@
+//! The `ferry-proxy` command line: Istio's arguments accepted, bad settings named with exit 64
+//! before anything binds, pilot-agent helpers.
+
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ferry-proxy");
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_settings_exit_64_naming_them() {
+    let istio = [
+        "proxy",
+        "sidecar",
+        "--domain",
+        "shop.svc.cluster.local",
+        "--proxyLogLevel=warning",
+        "--proxyComponentLogLevel=misc:error",
+        "--log_output_level=default:info",
+    ];
+    let cases: &[(&[&str], &[(&str, &str)], &str)] = &[
+        (&[], &[("PROXY_CONFIG", "{not json")], "PROXY_CONFIG"),
+        (&[], &[("INSTANCE_IP", "10.0.0.300")], "INSTANCE_IP"),
+        (
+            &["--outbound-traffic-policy", "SOMETIMES"],
+            &[],
+            "--outbound-traffic-policy",
+        ),
+        (&["--concurrency", "lots"], &[], "--concurrency"),
+        (&["--admin-addr", "0.0.0.0:15000"], &[], "loopback only"),
+        (
+            &[],
+            &[("ISTIO_KUBE_APP_PROBERS", "[1,2]")],
+            "ISTIO_KUBE_APP_PROBERS",
+        ),
+    ];
+    for (extra, env, want) in cases {
+        let mut args = istio.to_vec();
+        args.extend_from_slice(extra);
+        let (code, err) = run(&args, env);
+        assert_eq!(code, Some(64), "{extra:?} {env:?}: {err}");
+        assert!(err.contains(want), "{extra:?}: {err}");
+    }
+    let (code, err) = run(&["proxy", "router"], &[]);
+    assert_eq!(code, Some(64), "{err}");
+}
+
+#[test]
+fn pilot_agent_helpers_explain_failures() {
+    // Nothing listens on this port: the preStop drain request fails clearly, without hanging.
+    let (code, err) = run(&["request", "--debug-port=1", "POST", "drain"], &[]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("127.0.0.1:1"), "{err}");
+    let (code, err) = run(
+        &[
+            "wait",
+            "--timeoutSeconds",
+            "0",
+            "--periodMillis",
+            "10",
+            "--url",
+            "http://localhost:1/healthz/ready",
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(1));
+    assert!(err.contains("timed out"), "{err}");
+}
