@@ -17,6 +17,9 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
     )
 }
 
+/// Extra arguments, environment, and a piece of the expected message.
+type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+
 #[test]
 fn bad_settings_exit_64_naming_them() {
     let istio = [
@@ -28,7 +31,7 @@ fn bad_settings_exit_64_naming_them() {
         "--proxyComponentLogLevel=misc:error",
         "--log_output_level=default:info",
     ];
-    let cases: &[(&[&str], &[(&str, &str)], &str)] = &[
+    let cases: &[Case<'_>] = &[
         (&[], &[("PROXY_CONFIG", "{not json")], "PROXY_CONFIG"),
         (&[], &[("INSTANCE_IP", "10.0.0.300")], "INSTANCE_IP"),
         (
