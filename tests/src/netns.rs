@@ -345,6 +345,27 @@ pub fn bind_in(ns: &str, addr: SocketAddr) -> std::net::TcpListener {
     .expect("bind thread")
 }
 
+/// Run an async client inside `ns` on its own thread and runtime (as root: an ordinary app UID for
+/// the capture rules), returning its result. Sockets it opens belong to that namespace.
+pub fn run_in<T, F>(ns: &str, f: impl FnOnce() -> F + Send + 'static) -> T
+where
+    F: std::future::Future<Output = T>,
+    T: Send + 'static,
+{
+    let path = format!("/var/run/netns/{ns}");
+    thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("open netns");
+        nix::sched::setns(file, CloneFlags::CLONE_NEWNET).expect("setns");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(f())
+    })
+    .join()
+    .expect("client thread")
+}
+
 /// A child process killed (and reaped) on drop.
 pub struct Child(pub std::process::Child);
 

@@ -420,3 +420,75 @@ async fn config_change_keeps_long_lived_connections_and_loops_are_refused() {
     let _ = (p.stop.send(true), stop.send(true));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_port_runs_the_apps_original_probes_and_quitquitquit_exits() {
+    let app = upstream::http("app").await;
+    let echo = upstream::echo().await;
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let mut cfg = config(None, OutboundPolicy::AllowAny);
+    // What the injector writes into ISTIO_KUBE_APP_PROBERS for rewritten probes.
+    cfg.app_probers = [
+        ("/app-health/web/readyz".to_owned(), serde_json::json!({"httpGet": {"path": "/ready", "port": app.port()}})),
+        ("/app-health/web/livez".to_owned(), serde_json::json!({"tcpSocket": {"port": echo.port()}})),
+        ("/app-health/db/readyz".to_owned(), serde_json::json!({"tcpSocket": {"port": closed}, "timeoutSeconds": 1})),
+        ("/app-health/web/startupz".to_owned(), serde_json::json!({"httpGet": {"path": "/slow/3000", "port": app.port()}, "timeoutSeconds": 1})),
+    ]
+    .into_iter()
+    .collect();
+    cfg.instance_ips = vec!["127.0.0.1".parse().expect("ip")];
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let running = app::start(cfg, OrigDst::Fixed(app), rx)
+        .await
+        .expect("start");
+    let agent = local(running.addrs.agent);
+    assert_eq!(
+        get(agent, "/app-health/web/readyz", "x").await.0,
+        200,
+        "HTTP probe answered by the app"
+    );
+    assert_eq!(
+        get(agent, "/app-health/web/livez", "x").await.0,
+        200,
+        "TCP probe connects"
+    );
+    assert_eq!(
+        get(agent, "/app-health/db/readyz", "x").await.0,
+        503,
+        "closed port fails"
+    );
+    assert_eq!(
+        get(agent, "/app-health/web/startupz", "x").await.0,
+        503,
+        "probe timeout fails"
+    );
+    assert_eq!(get(agent, "/app-health/nope/readyz", "x").await.0, 404);
+    let (code, metrics) = get(agent, "/stats/prometheus", "x").await;
+    assert_eq!(code, 200);
+    assert!(metrics.contains("ferry_proxy_config_version"), "{metrics}");
+
+    // A Job's last step: POST /quitquitquit makes the proxy stop promptly.
+    let s = TcpStream::connect(agent).await.expect("connect");
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let resp = tx
+        .send_request(
+            hyper::Request::post("/quitquitquit")
+                .header("host", "x")
+                .body(Full::new(Bytes::new()))
+                .expect("req"),
+        )
+        .await
+        .expect("response");
+    assert_eq!(resp.status(), 200);
+    tokio::time::timeout(Duration::from_secs(5), running.done)
+        .await
+        .expect("stops after /quitquitquit")
+        .expect("join");
+    drop(stop);
+}

@@ -33,7 +33,7 @@ const INIT_ARGS: &[&str] = &[
 struct Mesh {
     pair: Pair,
     dir: PathBuf,
-    _proxies: Vec<Child>,
+    proxies: Vec<Child>,
     vip: String,
 }
 
@@ -55,12 +55,14 @@ spec:
   ports:
   - {{name: http, port: 80, targetPort: 8080}}
   - {{name: tcp-echo, port: 9000, targetPort: 9000}}
+  - {{name: http2-api, port: 81, targetPort: 8081}}
+  - {{name: mysql, port: 3306, targetPort: 3306}}
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata: {{name: server-1, namespace: default, labels: {{kubernetes.io/service-name: server}}}}
 addressType: IPv4
-ports: [{{name: http, port: 8080}}, {{name: tcp-echo, port: 9000}}]
+ports: [{{name: http, port: 8080}}, {{name: tcp-echo, port: 9000}}, {{name: http2-api, port: 8081}}, {{name: mysql, port: 3306}}]
 endpoints: [{{addresses: ["{server}"], conditions: {{ready: true}}, targetRef: {{kind: Pod, name: server-0, namespace: default}}}}]
 ---
 apiVersion: v1
@@ -164,7 +166,7 @@ fn mesh() -> Mesh {
     Mesh {
         pair,
         dir,
-        _proxies: proxies,
+        proxies,
         vip,
     }
 }
@@ -306,5 +308,236 @@ async fn two_meshed_pods_talk_through_both_sidecars() {
         failures
     });
     let failures = checks.await.expect("checks");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+use ferry_tests::netns::run_in;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn h1(addr: SocketAddr, path: &str, host: &str) -> Result<(u16, String), String> {
+    let s = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header("host", host)
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let resp = tx.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocols_config_changes_and_drain_through_both_sidecars() {
+    if !require_root("protocols_config_changes_and_drain_through_both_sidecars") {
+        return;
+    }
+    let mut m = mesh();
+    let p = &m.pair;
+    let any = |port: u16| SocketAddr::from(([0, 0, 0, 0], port));
+    tokio::spawn(upstream::serve_http(
+        tokio::net::TcpListener::from_std(bind_in(&p.peer, any(8080))).expect("l"),
+        "server-app".into(),
+    ));
+    tokio::spawn(upstream::serve_http(
+        tokio::net::TcpListener::from_std(bind_in(&p.peer, any(8081))).expect("l"),
+        "h2-app".into(),
+    ));
+    tokio::spawn(upstream::serve_echo(
+        tokio::net::TcpListener::from_std(bind_in(&p.peer, any(9000))).expect("l"),
+    ));
+    // A server-first protocol on a declared mysql port, and on an undeclared well-known port.
+    for port in [3306u16, 25] {
+        let l = tokio::net::TcpListener::from_std(bind_in(&p.peer, any(port))).expect("l");
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = l.accept().await else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let _ = s.write_all(b"220 hello from the server\r\n").await;
+                    let mut b = [0u8; 8];
+                    let _ = s.read(&mut b).await;
+                });
+            }
+        });
+    }
+    let vip: std::net::IpAddr = m.vip.parse().expect("vip");
+    let peer_ip: std::net::IpAddr = p.peer_ip().parse().expect("ip");
+    let pod = p.pod.clone();
+    let mut failures: Vec<String> = run_in(&pod, move || async move {
+        let mut f = Vec::new();
+        // HTTP/2 prior knowledge with gRPC-style trailers, through both sidecars.
+        let h2 = async {
+            let s = tokio::net::TcpStream::connect(SocketAddr::new(vip, 81))
+                .await
+                .map_err(|e| e.to_string())?;
+            let (mut tx, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            let req = hyper::Request::post("http://server:81/trailers")
+                .header("content-type", "application/grpc")
+                .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+                .map_err(|e| e.to_string())?;
+            let resp = tx.send_request(req).await.map_err(|e| e.to_string())?;
+            let c = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?;
+            let t = c
+                .trailers()
+                .and_then(|t| t.get("grpc-status"))
+                .map(|v| v.to_str().unwrap_or("").to_owned());
+            Ok::<_, String>((t, String::from_utf8_lossy(&c.to_bytes()).into_owned()))
+        };
+        match h2.await {
+            Ok((Some(s), body))
+                if s == "0" && body.contains("HTTP/2.0") && body.contains("h2-app") => {}
+            other => f.push(format!("h2 + trailers: {other:?}")),
+        }
+        // Websocket-style upgrade.
+        let ws = async {
+            let mut s = tokio::net::TcpStream::connect(SocketAddr::new(vip, 80))
+                .await
+                .map_err(|e| e.to_string())?;
+            s.write_all(b"GET /ws HTTP/1.1\r\nHost: server\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n").await.map_err(|e| e.to_string())?;
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                s.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+                head.push(b[0]);
+            }
+            s.write_all(b"frame").await.map_err(|e| e.to_string())?;
+            let mut e = [0u8; 5];
+            s.read_exact(&mut e).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>((String::from_utf8_lossy(&head).into_owned(), e))
+        };
+        match ws.await {
+            Ok((head, e)) if head.starts_with("HTTP/1.1 101") && &e == b"frame" => {}
+            other => f.push(format!("websocket: {other:?}")),
+        }
+        // Opaque TCP with half-close.
+        let tcp = async {
+            let mut s = tokio::net::TcpStream::connect(SocketAddr::new(vip, 9000))
+                .await
+                .map_err(|e| e.to_string())?;
+            s.write_all(b"\x00binary\xff")
+                .await
+                .map_err(|e| e.to_string())?;
+            s.shutdown().await.map_err(|e| e.to_string())?;
+            let mut all = Vec::new();
+            s.read_to_end(&mut all).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(all)
+        };
+        match tcp.await {
+            Ok(all) if all == b"\x00binary\xffbye" => {}
+            other => f.push(format!("tcp half-close: {other:?}")),
+        }
+        // Server-first protocols answer without the client saying anything.
+        for (addr, what) in [
+            (SocketAddr::new(vip, 3306), "declared mysql port"),
+            (SocketAddr::new(peer_ip, 25), "undeclared port 25"),
+        ] {
+            let greet = async {
+                let mut s = tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut g = vec![0u8; 27];
+                tokio::time::timeout(Duration::from_secs(3), s.read_exact(&mut g))
+                    .await
+                    .map_err(|_| "stalled".to_owned())?
+                    .map_err(|e| e.to_string())?;
+                Ok::<_, String>(g)
+            };
+            match greet.await {
+                Ok(g) if g.starts_with(b"220 hello") => {}
+                other => f.push(format!("server-first ({what}): {other:?}")),
+            }
+        }
+        f
+    });
+
+    // A configuration change during a long-lived connection: the connection survives.
+    let dir = m.dir.clone();
+    let vip_s = m.vip.clone();
+    let pod = p.pod.clone();
+    let survived: Result<(), String> = run_in(&pod, move || async move {
+        let mut s = tokio::net::TcpStream::connect(format!("{vip_s}:9000"))
+            .await
+            .map_err(|e| e.to_string())?;
+        s.write_all(b"before").await.map_err(|e| e.to_string())?;
+        let mut b = [0u8; 6];
+        s.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+        std::fs::write(dir.join("extra.yaml"), "apiVersion: v1\nkind: Service\nmetadata: {name: other, namespace: default}\nspec: {clusterIP: 10.96.250.250, ports: [{name: http, port: 80}]}\n").map_err(|e| e.to_string())?;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        s.write_all(b"after!").await.map_err(|e| e.to_string())?;
+        s.read_exact(&mut b)
+            .await
+            .map_err(|e| format!("connection dropped by the change: {e}"))?;
+        if &b != b"after!" {
+            return Err(format!("got {b:?}"));
+        }
+        Ok(())
+    });
+    if let Err(e) = survived {
+        failures.push(format!("config change: {e}"));
+    }
+
+    // SIGTERM to the server's sidecar while a slow request is in flight: the request completes.
+    let server_proxy = m.proxies[1].0.id() as i32;
+    let vip_s = m.vip.clone();
+    let pod = p.pod.clone();
+    let slow = std::thread::spawn(move || {
+        run_in(&pod, move || async move {
+            h1(
+                format!("{vip_s}:80").parse().expect("addr"),
+                "/slow/1500",
+                "server",
+            )
+            .await
+        })
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server_proxy),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    match slow.join().expect("slow thread") {
+        Ok((200, body)) if body.contains("server-app") => {}
+        other => failures.push(format!("drain: in-flight request {other:?}")),
+    }
+    let started = Instant::now();
+    loop {
+        match m.proxies[1].0.try_wait() {
+            Ok(Some(status)) => {
+                if !status.success() {
+                    failures.push(format!("server proxy exited with {status}"));
+                }
+                break;
+            }
+            _ if started.elapsed() > Duration::from_secs(8) => {
+                failures.push("server proxy did not exit after draining".into());
+                break;
+            }
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
