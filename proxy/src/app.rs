@@ -19,6 +19,8 @@ use crate::transport::OrigDst;
 /// Starting failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error("Kubernetes discovery: {0}")]
+    Kube(String),
     #[error("binding {what} on {addr}: {source} (is another proxy running in this pod?)")]
     Bind {
         what: &'static str,
@@ -61,40 +63,27 @@ pub struct Addrs {
     pub admin: SocketAddr,
 }
 
+/// Re-read the configuration directory if it changed. `Some(objects)` when there is something new.
 fn poll_dir(
     cfg: &Config,
-    tx: &watch::Sender<Arc<Snapshot>>,
     metrics: &Metrics,
     last: &mut Option<std::time::SystemTime>,
-    version: &mut u64,
-) -> bool {
+) -> Result<Option<Vec<serde_json::Value>>, ()> {
     let Some(dir) = &cfg.config_dir else {
-        return true;
+        return Ok(None);
     };
     match discovery::read_dir(dir) {
         Ok((objects, newest)) => {
             if newest.is_some() && newest == *last {
-                return true;
+                return Ok(None);
             }
             *last = newest;
-            *version += 1;
-            let snap = Snapshot::build(*version, &objects, &cfg.cluster_domain);
-            for r in &snap.rejected {
-                warn!(object = %r, "object ignored");
-            }
-            info!(
-                version = *version,
-                services = snap.services.len(),
-                "configuration snapshot updated"
-            );
-            metrics.config_version.set(*version as i64);
-            tx.send_replace(Arc::new(snap));
-            true
+            Ok(Some(objects))
         }
         Err(e) => {
             metrics.config_rejected.inc();
             error!(error = %e, "configuration update refused; still serving the previous snapshot");
-            false
+            Err(())
         }
     }
 }
@@ -105,6 +94,14 @@ pub async fn start(
     orig_dst: OrigDst,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<Running, Error> {
+    let kube_client = match &cfg.kube {
+        Some(path) => Some(
+            crate::k8s::client(path.as_deref())
+                .await
+                .map_err(Error::Kube)?,
+        ),
+        None => None,
+    };
     let cfg = Arc::new(cfg);
     let metrics = Arc::new(Metrics::new());
     let readiness = Arc::new(Readiness::default());
@@ -155,21 +152,71 @@ pub async fn start(
         tokio::spawn(admin::serve_port(admin.clone(), Port::Admin, admin_l)),
     ];
 
-    // Discovery: the first successful read is the initial sync; then poll for changes.
+    // Discovery: files and/or the Kubernetes API, merged into one snapshot. Readiness waits for
+    // the first complete read of every source.
     let poller = {
         let (cfg, metrics, readiness) = (cfg.clone(), metrics.clone(), readiness.clone());
         tokio::spawn(async move {
-            let (mut last, mut version) = (None, 0u64);
-            if cfg.config_dir.is_none() {
+            let (watched, kube_changed) = match kube_client {
+                Some(c) => {
+                    let (w, n) = crate::k8s::watch_all(c);
+                    (w, Some(n))
+                }
+                None => (Vec::new(), None),
+            };
+            if cfg.config_dir.is_none() && watched.is_empty() {
                 warn!(
-                    "no discovery source configured (--config-dir): every destination is unknown (policy applies)"
+                    "no discovery source (--config-dir or Kubernetes): every destination is unknown (the outbound policy applies)"
                 );
             }
+            let (mut last, mut version, mut files, mut files_synced) =
+                (None, 0u64, Vec::new(), cfg.config_dir.is_none());
+            let mut dirty = true;
             loop {
-                if poll_dir(&cfg, &snap_tx, &metrics, &mut last, &mut version) {
+                match poll_dir(&cfg, &metrics, &mut last) {
+                    Ok(Some(objects)) => {
+                        files = objects;
+                        files_synced = true;
+                        dirty = true;
+                    }
+                    Ok(None) => {}
+                    Err(()) => {}
+                }
+                let kube_synced = watched.iter().all(|w| *w.synced.borrow());
+                if dirty && files_synced {
+                    version += 1;
+                    let mut objects = files.clone();
+                    for w in &watched {
+                        objects.extend(w.objects());
+                    }
+                    let snap = Snapshot::build(version, &objects, &cfg.cluster_domain);
+                    for r in &snap.rejected {
+                        warn!(object = %r, "object ignored");
+                    }
+                    info!(
+                        version,
+                        services = snap.services.len(),
+                        "configuration snapshot updated"
+                    );
+                    metrics.config_version.set(version as i64);
+                    snap_tx.send_replace(Arc::new(snap));
+                    dirty = false;
+                }
+                if files_synced && kube_synced && version > 0 {
                     readiness.unblock("initial configuration sync");
                 }
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                let tick = tokio::time::sleep(Duration::from_millis(500));
+                match &kube_changed {
+                    Some(n) => tokio::select! {
+                        _ = tick => {}
+                        _ = n.notified() => {
+                            // Coalesce bursts (a relist delivers many events at once).
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            dirty = true;
+                        }
+                    },
+                    None => tick.await,
+                }
             }
         })
     };

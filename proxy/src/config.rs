@@ -70,6 +70,12 @@ pub struct Args {
     /// JSON access log on stdout [env: FERRY_ACCESS_LOG]
     #[arg(long = "access-log", env = "FERRY_ACCESS_LOG", num_args = 0..=1, default_missing_value = "true")]
     pub access_log: Option<String>,
+    /// kubeconfig for discovery from the Kubernetes API [env: KUBECONFIG]; in a pod the
+    /// in-cluster configuration is used. `--no-kube` turns API discovery off.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    #[arg(long = "no-kube", env = "FERRY_NO_KUBE")]
+    pub no_kube: bool,
     /// Admin address (config dump, loopback only) [default: 127.0.0.1:15000]
     #[arg(long = "admin-addr", env = "FERRY_ADMIN_ADDR")]
     pub admin_addr: Option<String>,
@@ -146,6 +152,8 @@ pub struct Config {
     pub log_filter: String,
     pub log_json: bool,
     pub config_dir: Option<PathBuf>,
+    /// Discover from the Kubernetes API: `Some(None)` in-cluster, `Some(Some(path))` kubeconfig.
+    pub kube: Option<Option<PathBuf>>,
     /// `ISTIO_KUBE_APP_PROBERS`: rewritten probe path → original action.
     pub app_probers: BTreeMap<String, serde_json::Value>,
     /// `PROXY_CONFIG` as given (shown in the config dump).
@@ -330,6 +338,15 @@ impl Config {
             log_filter: log_filter(args),
             log_json: flag(&args.log_as_json),
             config_dir: args.config_dir.clone(),
+            kube: if args.no_kube {
+                None
+            } else if let Some(k) = &args.kubeconfig {
+                Some(Some(k.clone()))
+            } else if env.get("KUBERNETES_SERVICE_HOST").is_some() {
+                Some(None)
+            } else {
+                None
+            },
             app_probers,
             proxy_config,
         };

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod fake_apiserver;
 pub mod jsondiff;
 pub mod netns;
 pub mod tls;

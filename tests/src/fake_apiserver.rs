@@ -1,0 +1,610 @@
+//! An in-repo fake Kubernetes API server for discovery tests, faithful to the parts of the
+//! protocol clients depend on: LIST (with the collection's resourceVersion, `limit`/`continue`
+//! paging, `labelSelector`), WATCH from a resourceVersion (`ADDED`/`MODIFIED`/`DELETED` lines,
+//! `BOOKMARK`s when asked, `timeoutSeconds`), `410 Gone` as an `ERROR` event once the requested
+//! version has been compacted away, namespaced and cluster-wide paths, GET/POST/DELETE of single
+//! objects, and 404 `Status` for resources it does not serve.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Bytes, Frame, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// A resource type the server serves.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Kind {
+    pub group: String,
+    pub version: String,
+    pub plural: String,
+    pub kind: String,
+}
+
+/// The resources served by default.
+pub fn default_kinds(with_istio: bool) -> Vec<Kind> {
+    let k = |g: &str, v: &str, p: &str, kind: &str| Kind {
+        group: g.into(),
+        version: v.into(),
+        plural: p.into(),
+        kind: kind.into(),
+    };
+    let mut kinds = vec![
+        k("", "v1", "namespaces", "Namespace"),
+        k("", "v1", "services", "Service"),
+        k("", "v1", "pods", "Pod"),
+        k("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice"),
+    ];
+    if with_istio {
+        kinds.push(k(
+            "networking.istio.io",
+            "v1",
+            "virtualservices",
+            "VirtualService",
+        ));
+        kinds.push(k(
+            "networking.istio.io",
+            "v1",
+            "destinationrules",
+            "DestinationRule",
+        ));
+    }
+    kinds
+}
+
+#[derive(Clone, Debug)]
+struct Event {
+    rv: u64,
+    kind: String,
+    typ: &'static str,
+    object: Value,
+}
+
+struct State {
+    kinds: Vec<Kind>,
+    rv: u64,
+    /// Watches from a version below this get 410 Gone.
+    compacted: u64,
+    /// (kind, namespace, name) → object
+    objects: BTreeMap<(String, String, String), Value>,
+    log: Vec<Event>,
+}
+
+/// The fake API server.
+#[derive(Clone)]
+pub struct FakeApiServer {
+    state: Arc<Mutex<State>>,
+    events: broadcast::Sender<Event>,
+    pub bookmark_interval: Duration,
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message, "reason": reason, "code": code})
+}
+
+fn respond(code: StatusCode, v: &Value) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(v.to_string())).boxed());
+    *r.status_mut() = code;
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().expect("header"));
+    r
+}
+
+/// `labelSelector` query syntax: `a=b`, `a==b`, `a!=b`, `a`, `!a`, `a in (x,y)`, `a notin (x,y)`.
+pub fn selector_matches(sel: &str, labels: &serde_json::Map<String, Value>) -> bool {
+    let get = |k: &str| labels.get(k).and_then(Value::as_str);
+    let mut parts = Vec::new();
+    let (mut depth, mut cur) = (0, String::new());
+    for c in sel.chars() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                parts.push(std::mem::take(&mut cur));
+                continue;
+            }
+            _ => {}
+        }
+        cur.push(c);
+    }
+    parts.push(cur);
+    parts
+        .iter()
+        .map(|p| p.trim())
+        .filter(|p| !p.is_empty())
+        .all(|p| {
+            if let Some((k, rest)) = p.split_once(" notin ") {
+                let vals: Vec<&str> = rest
+                    .trim()
+                    .trim_matches(['(', ')'])
+                    .split(',')
+                    .map(str::trim)
+                    .collect();
+                get(k.trim()).is_none_or(|v| !vals.contains(&v))
+            } else if let Some((k, rest)) = p.split_once(" in ") {
+                let vals: Vec<&str> = rest
+                    .trim()
+                    .trim_matches(['(', ')'])
+                    .split(',')
+                    .map(str::trim)
+                    .collect();
+                get(k.trim()).is_some_and(|v| vals.contains(&v))
+            } else if let Some((k, v)) = p.split_once("!=") {
+                get(k.trim()) != Some(v.trim())
+            } else if let Some((k, v)) = p.split_once("==").or_else(|| p.split_once('=')) {
+                get(k.trim()) == Some(v.trim())
+            } else if let Some(k) = p.strip_prefix('!') {
+                get(k.trim()).is_none()
+            } else {
+                get(p).is_some()
+            }
+        })
+}
+
+struct Query {
+    watch: bool,
+    rv: Option<u64>,
+    selector: Option<String>,
+    bookmarks: bool,
+    timeout: Option<u64>,
+    limit: Option<usize>,
+    cont: Option<String>,
+}
+
+fn query(q: Option<&str>) -> Query {
+    let mut out = Query {
+        watch: false,
+        rv: None,
+        selector: None,
+        bookmarks: false,
+        timeout: None,
+        limit: None,
+        cont: None,
+    };
+    for kv in q.unwrap_or("").split('&').filter(|s| !s.is_empty()) {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        let v = percent_decode(v);
+        match k {
+            "watch" => out.watch = v == "true" || v == "1",
+            "resourceVersion" => out.rv = v.parse().ok(),
+            "labelSelector" => out.selector = Some(v),
+            "allowWatchBookmarks" => out.bookmarks = v == "true",
+            "timeoutSeconds" => out.timeout = v.parse().ok(),
+            "limit" => out.limit = v.parse().ok(),
+            "continue" => out.cont = Some(v),
+            _ => {}
+        }
+    }
+    out
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Some(h) = std::str::from_utf8(&b[i + 1..i + 3])
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(h);
+            i += 3;
+            continue;
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Parsed request path.
+struct Target {
+    kind: Kind,
+    namespace: Option<String>,
+    name: Option<String>,
+}
+
+impl FakeApiServer {
+    pub fn new(kinds: Vec<Kind>) -> FakeApiServer {
+        let (events, _) = broadcast::channel(4096);
+        FakeApiServer {
+            state: Arc::new(Mutex::new(State {
+                kinds,
+                rv: 1,
+                compacted: 0,
+                objects: BTreeMap::new(),
+                log: Vec::new(),
+            })),
+            events,
+            bookmark_interval: Duration::from_millis(500),
+        }
+    }
+
+    /// Create or update an object (by kind/namespace/name); returns its new resourceVersion.
+    pub fn apply(&self, mut obj: Value) -> u64 {
+        let mut st = self.state.lock().expect("state");
+        st.rv += 1;
+        let rv = st.rv;
+        let kind = obj["kind"].as_str().unwrap_or_default().to_owned();
+        let ns = obj["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        let name = obj["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        if obj["metadata"].get("uid").is_none() {
+            obj["metadata"]["uid"] = json!(format!("uid-{kind}-{ns}-{name}"));
+        }
+        let typ = if st
+            .objects
+            .insert((kind.clone(), ns, name), obj.clone())
+            .is_some()
+        {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        let ev = Event {
+            rv,
+            kind,
+            typ,
+            object: obj,
+        };
+        st.log.push(ev.clone());
+        let _ = self.events.send(ev);
+        rv
+    }
+
+    pub fn delete(&self, kind: &str, namespace: &str, name: &str) -> bool {
+        let mut st = self.state.lock().expect("state");
+        let Some(mut obj) =
+            st.objects
+                .remove(&(kind.to_owned(), namespace.to_owned(), name.to_owned()))
+        else {
+            return false;
+        };
+        st.rv += 1;
+        let rv = st.rv;
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let ev = Event {
+            rv,
+            kind: kind.into(),
+            typ: "DELETED",
+            object: obj,
+        };
+        st.log.push(ev.clone());
+        let _ = self.events.send(ev);
+        true
+    }
+
+    /// Forget history: watches from any older resourceVersion now get 410 Gone, and open watches
+    /// are told so (as the real API server does after etcd compaction).
+    pub fn compact(&self) {
+        let mut st = self.state.lock().expect("state");
+        st.compacted = st.rv;
+        st.log.clear();
+        let ev = Event {
+            rv: 0,
+            kind: String::new(),
+            typ: "GONE",
+            object: Value::Null,
+        };
+        let _ = self.events.send(ev);
+    }
+
+    pub fn resource_version(&self) -> u64 {
+        self.state.lock().expect("state").rv
+    }
+
+    fn parse(&self, path: &str) -> Option<Target> {
+        let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let (group, version, rest) = match segs.as_slice() {
+            ["api", v, rest @ ..] => ("", *v, rest),
+            ["apis", g, v, rest @ ..] => (*g, *v, rest),
+            _ => return None,
+        };
+        let (namespace, plural, name) = match rest {
+            ["namespaces", ns, plural] => (Some((*ns).to_owned()), *plural, None),
+            ["namespaces", ns, plural, name] => {
+                (Some((*ns).to_owned()), *plural, Some((*name).to_owned()))
+            }
+            [plural] => (None, *plural, None),
+            // GET /api/v1/namespaces/NAME is a namespace object.
+            [plural, name] => (None, *plural, Some((*name).to_owned())),
+            _ => return None,
+        };
+        let st = self.state.lock().ok()?;
+        let kind = st
+            .kinds
+            .iter()
+            .find(|k| k.group == group && k.version == version && k.plural == plural)?
+            .clone();
+        Some(Target {
+            kind,
+            namespace,
+            name,
+        })
+    }
+
+    fn matches(t: &Target, q: &Query, kind: &str, obj: &Value) -> bool {
+        kind == t.kind.kind
+            && t.namespace
+                .as_deref()
+                .is_none_or(|ns| obj["metadata"]["namespace"].as_str() == Some(ns))
+            && q.selector.as_deref().is_none_or(|s| {
+                selector_matches(
+                    s,
+                    obj["metadata"]["labels"]
+                        .as_object()
+                        .unwrap_or(&serde_json::Map::new()),
+                )
+            })
+    }
+
+    fn list(&self, t: &Target, q: &Query) -> Response<Body> {
+        let st = self.state.lock().expect("state");
+        let items: Vec<Value> = st
+            .objects
+            .iter()
+            .filter(|((k, _, _), o)| Self::matches(t, q, k, o))
+            .map(|(_, o)| o.clone())
+            .collect();
+        let offset: usize = q
+            .cont
+            .as_deref()
+            .and_then(|c| c.split_once(':'))
+            .and_then(|(_, o)| o.parse().ok())
+            .unwrap_or(0);
+        let limit = q.limit.filter(|l| *l > 0).unwrap_or(usize::MAX);
+        let page: Vec<Value> = items.iter().skip(offset).take(limit).cloned().collect();
+        let mut meta = json!({"resourceVersion": st.rv.to_string()});
+        if offset + page.len() < items.len() {
+            meta["continue"] = json!(format!("{}:{}", st.rv, offset + page.len()));
+        }
+        let api_version = if t.kind.group.is_empty() {
+            t.kind.version.clone()
+        } else {
+            format!("{}/{}", t.kind.group, t.kind.version)
+        };
+        respond(
+            StatusCode::OK,
+            &json!({"apiVersion": api_version, "kind": format!("{}List", t.kind.kind), "metadata": meta, "items": page}),
+        )
+    }
+
+    fn watch(&self, t: Target, q: Query) -> Response<Body> {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(256);
+        let line = |v: Value| Ok(Frame::data(Bytes::from(format!("{v}\n"))));
+        let mut live = self.events.subscribe();
+        let (backlog, gone, api_version) = {
+            let st = self.state.lock().expect("state");
+            let from = q.rv.unwrap_or(st.rv);
+            let gone = from < st.compacted;
+            let backlog: Vec<Event> = if gone {
+                vec![]
+            } else {
+                st.log.iter().filter(|e| e.rv > from).cloned().collect()
+            };
+            let av = if t.kind.group.is_empty() {
+                t.kind.version.clone()
+            } else {
+                format!("{}/{}", t.kind.group, t.kind.version)
+            };
+            (backlog, gone.then_some(from), av)
+        };
+        let interval = self.bookmark_interval;
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            if let Some(from) = gone {
+                let _ = tx.send(line(json!({"type": "ERROR", "object": status(410, "Expired", &format!("too old resource version: {from}"))}))).await;
+                return;
+            }
+            let mut last = 0;
+            for e in backlog
+                .iter()
+                .filter(|e| Self::matches(&t, &q, &e.kind, &e.object))
+            {
+                last = e.rv;
+                if tx
+                    .send(line(json!({"type": e.typ, "object": e.object})))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            let deadline =
+                tokio::time::Instant::now() + Duration::from_secs(q.timeout.unwrap_or(1800));
+            let mut ticker = tokio::time::interval(interval);
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => return,
+                    _ = ticker.tick(), if q.bookmarks => {
+                        let rv = state.lock().map(|s| s.rv).unwrap_or(0);
+                        let ev = json!({"type": "BOOKMARK", "object": {"kind": t.kind.kind, "apiVersion": api_version, "metadata": {"resourceVersion": rv.to_string()}}});
+                        if tx.send(line(ev)).await.is_err() { return; }
+                    }
+                    ev = live.recv() => match ev {
+                        Ok(e) if e.typ == "GONE" => {
+                            let _ = tx.send(line(json!({"type": "ERROR", "object": status(410, "Expired", "too old resource version (compacted)")}))).await;
+                            return;
+                        }
+                        Ok(e) if e.rv > last && Self::matches(&t, &q, &e.kind, &e.object) => {
+                            last = e.rv;
+                            if tx.send(line(json!({"type": e.typ, "object": e.object}))).await.is_err() { return; }
+                        }
+                        Ok(_) => {}
+                        Err(_) => return,
+                    }
+                }
+            }
+        });
+        let stream = tokio_stream_from(rx);
+        let mut r = Response::new(StreamBody::new(stream).boxed());
+        r.headers_mut()
+            .insert("content-type", "application/json".parse().expect("header"));
+        r
+    }
+
+    async fn handle(self, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+        let path = req.uri().path().to_owned();
+        let q = query(req.uri().query());
+        let Some(t) = self.parse(&path) else {
+            return Ok(respond(
+                StatusCode::NOT_FOUND,
+                &status(
+                    404,
+                    "NotFound",
+                    &format!("the server could not find the requested resource ({path})"),
+                ),
+            ));
+        };
+        match (req.method().clone(), &t.name) {
+            (Method::GET, None) if q.watch => Ok(self.watch(t, q)),
+            (Method::GET, None) => Ok(self.list(&t, &q)),
+            (Method::GET, Some(name)) => {
+                let st = self.state.lock().expect("state");
+                let key = (
+                    t.kind.kind.clone(),
+                    t.namespace.clone().unwrap_or_default(),
+                    name.clone(),
+                );
+                Ok(match st.objects.get(&key) {
+                    Some(o) => respond(StatusCode::OK, o),
+                    None => respond(
+                        StatusCode::NOT_FOUND,
+                        &status(
+                            404,
+                            "NotFound",
+                            &format!("{} {name:?} not found", t.kind.plural),
+                        ),
+                    ),
+                })
+            }
+            (Method::POST, None) => {
+                let body = req
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                let Ok(mut obj) = serde_json::from_slice::<Value>(&body) else {
+                    return Ok(respond(
+                        StatusCode::BAD_REQUEST,
+                        &status(400, "BadRequest", "not JSON"),
+                    ));
+                };
+                if let Some(ns) = &t.namespace {
+                    obj["metadata"]["namespace"] = json!(ns);
+                }
+                obj["kind"] = json!(t.kind.kind);
+                self.apply(obj.clone());
+                let key = (
+                    t.kind.kind.clone(),
+                    obj["metadata"]["namespace"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_owned(),
+                    obj["metadata"]["name"].as_str().unwrap_or("").to_owned(),
+                );
+                let stored = self
+                    .state
+                    .lock()
+                    .expect("state")
+                    .objects
+                    .get(&key)
+                    .cloned()
+                    .unwrap_or(obj);
+                Ok(respond(StatusCode::CREATED, &stored))
+            }
+            (Method::DELETE, Some(name)) => {
+                let ok = self.delete(&t.kind.kind, t.namespace.as_deref().unwrap_or(""), name);
+                Ok(if ok {
+                    respond(
+                        StatusCode::OK,
+                        &json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+                    )
+                } else {
+                    respond(StatusCode::NOT_FOUND, &status(404, "NotFound", "not found"))
+                })
+            }
+            _ => Ok(respond(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &status(
+                    405,
+                    "MethodNotAllowed",
+                    "not supported by the fake API server",
+                ),
+            )),
+        }
+    }
+
+    /// Serve on `listener` until the returned task is aborted (which also ends open watches).
+    pub fn serve(&self, listener: TcpListener) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((s, _)) = listener.accept().await else {
+                    continue;
+                };
+                let this = this.clone();
+                conns.spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| this.clone().handle(req));
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        })
+    }
+
+    /// Bind 127.0.0.1:0 (or a given address) and serve.
+    pub async fn start(
+        &self,
+        addr: Option<SocketAddr>,
+    ) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let l = TcpListener::bind(addr.unwrap_or_else(|| "127.0.0.1:0".parse().expect("addr")))
+            .await
+            .expect("bind");
+        let a = l.local_addr().expect("addr");
+        (a, self.serve(l))
+    }
+
+    /// A kubeconfig pointing at this server (plain HTTP, no auth).
+    pub fn kubeconfig(addr: SocketAddr) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{addr}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\nusers:\n- name: fake\n  user: {{}}\n"
+        )
+    }
+}
+
+fn tokio_stream_from(
+    rx: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, Infallible>>,
+) -> impl futures_core::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send + Sync + 'static {
+    struct S(tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, Infallible>>);
+    impl futures_core::Stream for S {
+        type Item = Result<Frame<Bytes>, Infallible>;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Self::Item>> {
+            self.0.poll_recv(cx)
+        }
+    }
+    S(rx)
+}

@@ -1,0 +1,221 @@
+//! Discovery from the Kubernetes API with the real kube-rs client against the in-repo fake API
+//! server: initial sync gates readiness, updates arrive by watch, a compaction (410 Gone) forces a
+//! relist that loses nothing, the last snapshot keeps serving while the API server is away, and
+//! missing Istio CRDs do not block readiness.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ferry_proxy::app::{self, Running};
+use ferry_proxy::config::{Args, Config, OutboundPolicy, Ports};
+use ferry_proxy::transport::OrigDst;
+use ferry_tests::fake_apiserver::{FakeApiServer, default_kinds};
+use ferry_tests::upstream;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+
+fn service() -> serde_json::Value {
+    json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "reviews", "namespace": "shop", "labels": {"app": "reviews"}},
+        "spec": {"clusterIP": "10.96.0.50", "clusterIPs": ["10.96.0.50"], "ports": [{"name": "http", "port": 9080, "targetPort": 9080}]}})
+}
+
+fn slice(endpoint: SocketAddr) -> serde_json::Value {
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "reviews-1", "namespace": "shop", "labels": {"kubernetes.io/service-name": "reviews"}},
+        "addressType": "IPv4", "ports": [{"name": "http", "port": endpoint.port()}],
+        "endpoints": [{"addresses": [endpoint.ip().to_string()], "conditions": {"ready": true}}]})
+}
+
+async fn proxy(kubeconfig: &std::path::Path) -> (Running, tokio::sync::watch::Sender<bool>) {
+    let env: std::collections::HashMap<String, String> =
+        [("POD_NAMESPACE".to_owned(), "shop".to_owned())].into();
+    let args = Args {
+        command: Some("proxy".into()),
+        kind: Some("sidecar".into()),
+        kubeconfig: Some(kubeconfig.to_owned()),
+        ..Args::default()
+    };
+    let mut cfg = Config::from_args(&args, &env).expect("config");
+    cfg.ports = Ports {
+        outbound: 0,
+        inbound: 0,
+        health: 0,
+        prometheus: 0,
+        status: 0,
+        admin: "127.0.0.1:0".parse().expect("addr"),
+    };
+    cfg.outbound_policy = OutboundPolicy::RegistryOnly;
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let running = app::start(
+        cfg,
+        OrigDst::Fixed("10.96.0.50:9080".parse().expect("addr")),
+        rx,
+    )
+    .await
+    .expect("start");
+    (running, tx)
+}
+
+async fn get(addr: SocketAddr) -> Result<(u16, String), String> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], addr.port()));
+    let s = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let resp = tx
+        .send_request(
+            hyper::Request::get("/")
+                .header("host", "reviews.shop")
+                .body(Full::new(Bytes::new()))
+                .map_err(|e| e.to_string())?,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+async fn eventually<F: Fn() -> Fut, Fut: std::future::Future<Output = bool>>(what: &str, f: F) {
+    for _ in 0..150 {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+fn write_kubeconfig(addr: SocketAddr, name: &str) -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("ferry-kubeconfig-{name}-{}", std::process::id()));
+    std::fs::write(&p, FakeApiServer::kubeconfig(addr)).expect("write");
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_drive_the_snapshot_through_sync_updates_410_and_outages() {
+    let v1 = upstream::http("reviews-v1").await;
+    let v2 = upstream::http("reviews-v2").await;
+    let api = FakeApiServer::new(default_kinds(true));
+    api.apply(service());
+    api.apply(slice(v1));
+    api.apply(json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService", "metadata": {"name": "reviews", "namespace": "shop"}, "spec": {"hosts": ["reviews"]}}));
+
+    // The proxy starts while the API server is not there yet: not ready, and it says why.
+    let addr: SocketAddr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let kc = write_kubeconfig(addr, "main");
+    let (p, stop) = proxy(&kc).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let why = p
+        .readiness
+        .check()
+        .expect_err("not ready without the API server");
+    assert!(why.contains("initial configuration sync"), "{why}");
+
+    let (_, server) = api.start(Some(addr)).await;
+    let r = &p.readiness;
+    eventually("ready after the initial list", || async {
+        r.check().is_ok()
+    })
+    .await;
+    let out = p.addrs.outbound;
+    let (code, body) = get(out).await.expect("request");
+    assert_eq!(code, 200);
+    assert!(body.contains("reviews-v1"), "{body}");
+    assert_eq!(
+        p.snapshot.borrow().istio.len(),
+        1,
+        "VirtualServices reach the snapshot"
+    );
+
+    // An update by watch.
+    api.apply(slice(v2));
+    eventually("endpoint update by watch", || async {
+        get(out).await.is_ok_and(|(_, b)| b.contains("reviews-v2"))
+    })
+    .await;
+
+    // Compaction: open watches get 410 Gone; the watcher relists and still sees later changes.
+    api.compact();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    api.apply(slice(v1));
+    eventually("change after a 410 relist", || async {
+        get(out).await.is_ok_and(|(_, b)| b.contains("reviews-v1"))
+    })
+    .await;
+
+    // The API server goes away: the last snapshot keeps serving.
+    server.abort();
+    let _ = server.await;
+    for _ in 0..5 {
+        let (code, body) = get(out).await.expect("request during the outage");
+        assert_eq!(code, 200);
+        assert!(body.contains("reviews-v1"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        p.readiness.check().is_ok(),
+        "an outage after sync does not fail readiness"
+    );
+    // Back again, with a change made while it was away.
+    api.delete("EndpointSlice", "shop", "reviews-1");
+    api.apply(slice(v2));
+    let (_, server) = api.start(Some(addr)).await;
+    eventually("resync after the outage", || async {
+        get(out).await.is_ok_and(|(_, b)| b.contains("reviews-v2"))
+    })
+    .await;
+    server.abort();
+    let _ = stop.send(true);
+    let _ = std::fs::remove_file(&kc);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_istio_crds_do_not_block_readiness() {
+    let api = FakeApiServer::new(default_kinds(false));
+    api.apply(service());
+    let (addr, server) = api.start(None).await;
+    let kc = write_kubeconfig(addr, "nocrd");
+    let (p, stop) = proxy(&kc).await;
+    let r = &p.readiness;
+    eventually("ready without Istio CRDs", || async { r.check().is_ok() }).await;
+    assert_eq!(p.snapshot.borrow().services.len(), 1);
+    server.abort();
+    let _ = stop.send(true);
+    let _ = std::fs::remove_file(&kc);
+}
+
+#[test]
+fn label_selector_syntax() {
+    let labels: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_value(json!({"app": "web", "tier": "front"})).expect("map");
+    for (sel, want) in [
+        ("app=web", true),
+        ("app==web,tier=front", true),
+        ("app!=web", false),
+        ("app in (web,api)", true),
+        ("tier notin (front)", false),
+        ("!missing", true),
+        ("missing", false),
+        ("app", true),
+    ] {
+        assert_eq!(
+            ferry_tests::fake_apiserver::selector_matches(sel, &labels),
+            want,
+            "{sel}"
+        );
+    }
+}
