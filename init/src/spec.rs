@@ -34,6 +34,29 @@ pub const INBOUND_PASSTHROUGH_SRC_V6: &str = "::6/128";
 /// Exit code of a failed `--run-validation` (Istio's `ValidationErrorCode`).
 pub const VALIDATION_EXIT_CODE: i32 = 126;
 
+/// The arguments Istio's injection template passes to the `istio-init` container by default
+/// (first argument included: the template runs `istio-iptables ...`).
+pub const INJECTED_DEFAULT_ARGS: &[&str] = &[
+    "istio-iptables",
+    "-p",
+    "15001",
+    "-z",
+    "15006",
+    "-u",
+    "1337",
+    "-m",
+    "REDIRECT",
+    "-i",
+    "*",
+    "-x",
+    "",
+    "-b",
+    "*",
+    "-d",
+    "15090,15021,15020",
+    "--log_output_level=default:info",
+];
+
 /// Chains this tool owns. Anything named `ISTIO_*` is considered ours by cleanup and reconcile.
 pub mod chain {
     pub const INBOUND: &str = "ISTIO_INBOUND";

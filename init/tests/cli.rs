@@ -5,25 +5,8 @@ use std::os::unix::fs::symlink;
 use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ferry-init");
-const INJECTOR_ARGS: &[&str] = &[
-    "-p",
-    "15001",
-    "-z",
-    "15006",
-    "-u",
-    "1337",
-    "-m",
-    "REDIRECT",
-    "-i",
-    "*",
-    "-x",
-    "",
-    "-b",
-    "*",
-    "-d",
-    "15090,15021,15020",
-    "--log_output_level=default:info",
-];
+/// Istio's default istio-init arguments, without the leading `istio-iptables`.
+const INJECTOR_ARGS: &[&str] = ferry_init::spec::INJECTED_DEFAULT_ARGS.split_at(1).1;
 
 fn dry_run(cmd: &mut Command) -> String {
     let out = cmd

@@ -54,3 +54,30 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     );
     bin
 }
+
+/// A proxy configuration for in-process tests: every port ephemeral, admin on loopback, the given
+/// environment and discovery sources.
+pub fn proxy_test_config(
+    env: &[(&str, &str)],
+    args: ferry_proxy::config::Args,
+) -> ferry_proxy::config::Config {
+    let env: std::collections::HashMap<String, String> = env
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    let args = ferry_proxy::config::Args {
+        command: Some("proxy".into()),
+        kind: Some("sidecar".into()),
+        ..args
+    };
+    let mut cfg = ferry_proxy::config::Config::from_args(&args, &env).expect("test proxy config");
+    cfg.ports = ferry_proxy::config::Ports {
+        outbound: 0,
+        inbound: 0,
+        health: 0,
+        prometheus: 0,
+        status: 0,
+        admin: "127.0.0.1:0".parse().expect("addr"),
+    };
+    cfg
+}

@@ -8,26 +8,7 @@ use std::process::Output;
 use ferry_tests::netns::{Listeners, Pair, require_root, token};
 use ferry_tests::workspace_bin;
 
-const INJECTOR_ARGS: &[&str] = &[
-    "istio-iptables",
-    "-p",
-    "15001",
-    "-z",
-    "15006",
-    "-u",
-    "1337",
-    "-m",
-    "REDIRECT",
-    "-i",
-    "*",
-    "-x",
-    "",
-    "-b",
-    "*",
-    "-d",
-    "15090,15021,15020",
-    "--log_output_level=default:info",
-];
+const INJECTOR_ARGS: &[&str] = ferry_init::spec::INJECTED_DEFAULT_ARGS;
 
 /// The default pod ruleset as `iptables-nft-save` prints it back (its own spelling, e.g.
 /// `-m tcp`, source before `-o`): exactly these rules, nothing more.

@@ -1,13 +1,12 @@
 //! The proxy's data path in-process: real sockets and real upstreams, with the original
 //! destination fixed per proxy instead of read from iptables (the netns tests do that part).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use ferry_proxy::app::{self, Running};
-use ferry_proxy::config::{Args, Config, OutboundPolicy, Ports};
+use ferry_proxy::config::{Args, Config, OutboundPolicy};
 use ferry_proxy::transport::OrigDst;
 use ferry_tests::upstream;
 use http_body_util::{BodyExt, Full};
@@ -17,29 +16,18 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 fn config(dir: Option<PathBuf>, policy: OutboundPolicy) -> Config {
-    let env: HashMap<String, String> = [
+    let env = [
         ("POD_NAME", "client-1"),
         ("POD_NAMESPACE", "default"),
         ("ISTIO_META_WORKLOAD_NAME", "client"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
-    let args = Args {
-        command: Some("proxy".into()),
-        kind: Some("sidecar".into()),
-        config_dir: dir,
-        ..Args::default()
-    };
-    let mut cfg = Config::from_args(&args, &env).expect("config");
-    cfg.ports = Ports {
-        outbound: 0,
-        inbound: 0,
-        health: 0,
-        prometheus: 0,
-        status: 0,
-        admin: "127.0.0.1:0".parse().expect("addr"),
-    };
+    ];
+    let mut cfg = ferry_tests::proxy_test_config(
+        &env,
+        Args {
+            config_dir: dir,
+            ..Args::default()
+        },
+    );
     cfg.outbound_policy = policy;
     cfg.drain = Duration::from_secs(5);
     cfg

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ferry_proxy::app::{self, Running};
-use ferry_proxy::config::{Args, Config, OutboundPolicy, Ports};
+use ferry_proxy::config::{Args, OutboundPolicy};
 use ferry_proxy::transport::OrigDst;
 use ferry_tests::fake_apiserver::{FakeApiServer, default_kinds};
 use ferry_tests::upstream;
@@ -29,23 +29,13 @@ fn slice(endpoint: SocketAddr) -> serde_json::Value {
 }
 
 async fn proxy(kubeconfig: &std::path::Path) -> (Running, tokio::sync::watch::Sender<bool>) {
-    let env: std::collections::HashMap<String, String> =
-        [("POD_NAMESPACE".to_owned(), "shop".to_owned())].into();
-    let args = Args {
-        command: Some("proxy".into()),
-        kind: Some("sidecar".into()),
-        kubeconfig: Some(kubeconfig.to_owned()),
-        ..Args::default()
-    };
-    let mut cfg = Config::from_args(&args, &env).expect("config");
-    cfg.ports = Ports {
-        outbound: 0,
-        inbound: 0,
-        health: 0,
-        prometheus: 0,
-        status: 0,
-        admin: "127.0.0.1:0".parse().expect("addr"),
-    };
+    let mut cfg = ferry_tests::proxy_test_config(
+        &[("POD_NAMESPACE", "shop")],
+        Args {
+            kubeconfig: Some(kubeconfig.to_owned()),
+            ..Args::default()
+        },
+    );
     cfg.outbound_policy = OutboundPolicy::RegistryOnly;
     let (tx, rx) = tokio::sync::watch::channel(false);
     let running = app::start(

@@ -10,25 +10,7 @@ use std::time::{Duration, Instant};
 use ferry_tests::netns::{Child, Pair, bind_in, require_root};
 use ferry_tests::{upstream, workspace_bin};
 
-const INIT_ARGS: &[&str] = &[
-    "istio-iptables",
-    "-p",
-    "15001",
-    "-z",
-    "15006",
-    "-u",
-    "1337",
-    "-m",
-    "REDIRECT",
-    "-i",
-    "*",
-    "-x",
-    "",
-    "-b",
-    "*",
-    "-d",
-    "15090,15021,15020",
-];
+const INIT_ARGS: &[&str] = ferry_init::spec::INJECTED_DEFAULT_ARGS;
 
 struct Mesh {
     pair: Pair,

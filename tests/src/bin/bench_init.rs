@@ -8,26 +8,6 @@ use std::time::Instant;
 
 use ferry_tests::netns::Pair;
 
-const DEFAULT_ARGS: &[&str] = &[
-    "-p",
-    "15001",
-    "-z",
-    "15006",
-    "-u",
-    "1337",
-    "-m",
-    "REDIRECT",
-    "-i",
-    "*",
-    "-x",
-    "",
-    "-b",
-    "*",
-    "-d",
-    "15090,15021,15020",
-    "--log_output_level=default:warn",
-];
-
 fn main() {
     let runs: usize = std::env::args()
         .nth(1)
@@ -51,7 +31,8 @@ fn main() {
             let mut cmd = Command::new("ip");
             cmd.args(["netns", "exec", &pair.pod])
                 .arg(&bin)
-                .args(DEFAULT_ARGS);
+                .args(ferry_init::spec::INJECTED_DEFAULT_ARGS)
+                .arg("--log_output_level=default:warn");
             cmd.arg(format!("--force-iptables-binary={backend}"));
             let t = Instant::now();
             let out = cmd.output().expect("run ferry-init");

@@ -12,26 +12,7 @@ use ferry_init::generate::{self, Facts};
 use ferry_tests::netns::{Listeners, Pair, token};
 
 /// What Istio's injection template passes to the `istio-init` container.
-const INJECTED_ARGS: &[&str] = &[
-    "istio-iptables",
-    "-p",
-    "15001",
-    "-z",
-    "15006",
-    "-u",
-    "1337",
-    "-m",
-    "REDIRECT",
-    "-i",
-    "*",
-    "-x",
-    "",
-    "-b",
-    "*",
-    "-d",
-    "15090,15021,15020",
-    "--log_output_level=default:info",
-];
+const INJECTED_ARGS: &[&str] = ferry_init::spec::INJECTED_DEFAULT_ARGS;
 
 fn sibling(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("own path");
