@@ -489,6 +489,25 @@ fn number(raw: Raw) -> Result<u32, Error> {
         .map_err(|_| invalid(&raw, "expected a non-negative integer"))
 }
 
+/// Istio's `--log_output_level` (`scope:level,...`) → the `default` scope's level as a tracing
+/// filter directive (`off`, `error`, `warn`, `info`, `debug`). Shared by every ferry binary.
+pub fn istio_log_level(levels: Option<&str>) -> &'static str {
+    let mut level = "info";
+    for part in levels.unwrap_or("default:info").split(',') {
+        let (scope, l) = part.split_once(':').unwrap_or(("default", part));
+        if scope == "default" {
+            level = match l.trim() {
+                "none" => "off",
+                "fatal" | "error" => "error",
+                "warn" | "warning" => "warn",
+                "debug" => "debug",
+                _ => "info",
+            };
+        }
+    }
+    level
+}
+
 /// Go `strconv.ParseBool` spellings.
 pub fn parse_bool(s: &str) -> Option<bool> {
     match s.trim() {

@@ -19,22 +19,9 @@ fn normalized_args() -> Vec<String> {
     args
 }
 
-/// Istio's `--log_output_level=default:info,scope:debug` → an env-filter directive.
+/// Istio's `--log_output_level` as a filter; `RUST_LOG` wins when set.
 fn log_filter(levels: Option<&str>) -> String {
-    let mut level = "info";
-    for part in levels.unwrap_or("default:info").split(',') {
-        let (scope, l) = part.split_once(':').unwrap_or(("default", part));
-        if scope == "default" {
-            level = match l.trim() {
-                "none" => "off",
-                "fatal" | "error" => "error",
-                "warn" | "warning" => "warn",
-                "debug" => "debug",
-                _ => "info",
-            };
-        }
-    }
-    std::env::var("RUST_LOG").unwrap_or_else(|_| level.to_owned())
+    std::env::var("RUST_LOG").unwrap_or_else(|_| config::istio_log_level(levels).to_owned())
 }
 
 fn main() -> ExitCode {

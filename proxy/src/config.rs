@@ -173,27 +173,9 @@ fn port(setting: &str, v: &serde_json::Value) -> Result<u16, Error> {
         .ok_or_else(|| bad(setting, &v.to_string(), "expected a port number"))
 }
 
-/// Istio's `--log_output_level=default:info` / `--proxyLogLevel=warning` → an env-filter.
+/// Istio's `--log_output_level` as a tracing filter.
 fn log_filter(args: &Args) -> String {
-    let istio = args
-        .log_output_level
-        .clone()
-        .unwrap_or_else(|| "default:info".into());
-    let mut level = "info".to_owned();
-    for part in istio.split(',') {
-        let (scope, l) = part.split_once(':').unwrap_or(("default", part));
-        if scope == "default" {
-            level = match l.trim() {
-                "none" => "off",
-                "fatal" | "error" => "error",
-                "warn" | "warning" => "warn",
-                "debug" => "debug",
-                _ => "info",
-            }
-            .into();
-        }
-    }
-    level
+    ferry_init::config::istio_log_level(args.log_output_level.as_deref()).to_owned()
 }
 
 impl Config {

@@ -81,3 +81,32 @@ pub fn proxy_test_config(
     };
     cfg
 }
+
+/// One HTTP/1.1 GET on a fresh connection: status and body.
+pub async fn http_get(
+    addr: std::net::SocketAddr,
+    path: &str,
+    host: &str,
+) -> Result<(u16, String), String> {
+    use http_body_util::BodyExt;
+    let s = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header("host", host)
+        .body(http_body_util::Full::new(hyper::body::Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let resp = tx.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}

@@ -51,19 +51,9 @@ fn local(a: SocketAddr) -> SocketAddr {
 }
 
 async fn get(addr: SocketAddr, path: &str, host: &str) -> (u16, String) {
-    let s = TcpStream::connect(addr).await.expect("connect");
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+    ferry_tests::http_get(addr, path, host)
         .await
-        .expect("handshake");
-    tokio::spawn(conn);
-    let req = hyper::Request::get(path)
-        .header("host", host)
-        .body(Full::new(Bytes::new()))
-        .expect("req");
-    let resp = tx.send_request(req).await.expect("response");
-    let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.expect("body").to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
+        .expect("HTTP GET")
 }
 
 fn tmpdir(name: &str) -> PathBuf {

@@ -11,9 +11,6 @@ use ferry_proxy::config::{Args, OutboundPolicy};
 use ferry_proxy::transport::OrigDst;
 use ferry_tests::fake_apiserver::{FakeApiServer, default_kinds};
 use ferry_tests::upstream;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
 use serde_json::json;
 
 fn service() -> serde_json::Value {
@@ -49,31 +46,12 @@ async fn proxy(kubeconfig: &std::path::Path) -> (Running, tokio::sync::watch::Se
 }
 
 async fn get(addr: SocketAddr) -> Result<(u16, String), String> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], addr.port()));
-    let s = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    let resp = tx
-        .send_request(
-            hyper::Request::get("/")
-                .header("host", "reviews.shop")
-                .body(Full::new(Bytes::new()))
-                .map_err(|e| e.to_string())?,
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    ferry_tests::http_get(
+        SocketAddr::from(([127, 0, 0, 1], addr.port())),
+        "/",
+        "reviews.shop",
+    )
+    .await
 }
 
 async fn eventually<F: Fn() -> Fut, Fut: std::future::Future<Output = bool>>(what: &str, f: F) {

@@ -16,29 +16,7 @@ fn cfg(args: &[&str], env: &[(&str, &str)]) -> Result<Config, Error> {
 
 #[test]
 fn injector_default_args_parse() {
-    let c = cfg(
-        &[
-            "-p",
-            "15001",
-            "-z",
-            "15006",
-            "-u",
-            "1337",
-            "-m",
-            "REDIRECT",
-            "-i",
-            "*",
-            "-x",
-            "",
-            "-b",
-            "*",
-            "-d",
-            "15090,15021,15020",
-            "--log_output_level=default:info",
-        ],
-        &[],
-    )
-    .expect("valid");
+    let c = cfg(&crate::spec::INJECTED_DEFAULT_ARGS[1..], &[]).expect("valid");
     assert_eq!(c.proxy_uids, [1337]);
     assert_eq!(c.proxy_gids, [1337], "GID defaults to the UID");
     assert_eq!(c.inbound_ports, InboundPorts::All);
