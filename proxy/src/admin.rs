@@ -222,8 +222,36 @@ impl Admin {
                 ),
             };
         }
-        // TCP, and gRPC (checked as a TCP connect: the gRPC health protocol is not implemented yet).
-        if let Some(t) = prober.get("tcpSocket").or_else(|| prober.get("grpc")) {
+        if let Some(g) = prober.get("grpc") {
+            let Some(port) = port_of(g) else {
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "prober has no numeric port\n",
+                );
+            };
+            let service = g.get("service").and_then(Value::as_str).unwrap_or("");
+            return match tokio::time::timeout(
+                timeout,
+                probe_grpc(SocketAddr::new(host_ip, port), service),
+            )
+            .await
+            {
+                Ok(Ok(1)) => text(StatusCode::OK, "SERVING\n"),
+                Ok(Ok(s)) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("gRPC health status {s} (not SERVING)\n"),
+                ),
+                Ok(Err(e)) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("gRPC health check failed: {e}\n"),
+                ),
+                Err(_) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "gRPC health check timed out\n",
+                ),
+            };
+        }
+        if let Some(t) = prober.get("tcpSocket") {
             let Some(port) = port_of(t) else {
                 return text(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -357,6 +385,83 @@ async fn fetch(addr: SocketAddr, path: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())?
         .to_bytes();
     Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// `grpc.health.v1.Health/Check` over HTTP/2: the status field of the answer (1 = SERVING).
+async fn probe_grpc(addr: SocketAddr, service: &str) -> Result<u64, String> {
+    let s = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    // HealthCheckRequest { string service = 1; } in a gRPC length-prefixed frame.
+    let mut msg = Vec::new();
+    if !service.is_empty() {
+        msg.push(0x0a);
+        let mut n = service.len();
+        while n >= 0x80 {
+            msg.push((n as u8) | 0x80);
+            n >>= 7;
+        }
+        msg.push(n as u8);
+        msg.extend_from_slice(service.as_bytes());
+    }
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&msg);
+    let req = Request::post(format!("http://{addr}/grpc.health.v1.Health/Check"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from(frame)))
+        .map_err(|e| e.to_string())?;
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let header_status = resp
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = body
+        .trailers()
+        .and_then(|t| t.get("grpc-status"))
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or(header_status);
+    if status.as_deref() != Some("0") {
+        return Err(format!(
+            "grpc-status {}",
+            status.unwrap_or_else(|| "missing".into())
+        ));
+    }
+    let bytes = body.to_bytes();
+    // HealthCheckResponse { ServingStatus status = 1; }: tag 0x08, varint.
+    let msg = bytes.get(5..).ok_or("short gRPC frame")?;
+    let mut i = 0;
+    while i < msg.len() {
+        let tag = msg[i];
+        i += 1;
+        let mut v: u64 = 0;
+        let mut shift = 0;
+        while let Some(b) = msg.get(i) {
+            v |= u64::from(b & 0x7f) << shift;
+            i += 1;
+            shift += 7;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        if tag == 0x08 {
+            return Ok(v);
+        }
+    }
+    Ok(0)
 }
 
 async fn probe_http(

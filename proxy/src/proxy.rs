@@ -292,6 +292,31 @@ impl Proxy {
             };
             debug!(?declared, ?detected, "protocol");
             let c = Conn { dir, peer, orig };
+            // TLS passthrough by SNI: a ClientHello naming a known service goes to that service,
+            // whatever address the client dialled.
+            let target = match (dir, detected, &target) {
+                (Direction::Outbound, Detected::Tls, _)
+                | (Direction::Outbound, _, Target::Service { .. })
+                    if declared == Protocol::Tls || detected == Detected::Tls =>
+                {
+                    match detect::peek_sni(&stream, self.cfg.detection_timeout)
+                        .await
+                        .and_then(|sni| snap.service_by_host(&sni, &self.cfg.pod_namespace))
+                    {
+                        Some(service) => {
+                            let port = if service.port(orig.port()).is_some() {
+                                orig.port()
+                            } else {
+                                service.ports.first().map(|p| p.port).unwrap_or(orig.port())
+                            };
+                            debug!(service = %service.name, "routed by SNI");
+                            Target::Service { service, port }
+                        }
+                        None => target,
+                    }
+                }
+                _ => target,
+            };
             match detected {
                 Detected::Http1 | Detected::Http2 => self.serve_http(c, stream).await,
                 _ => self.relay_tcp(c, stream, snap, target).await,

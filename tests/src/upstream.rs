@@ -182,3 +182,78 @@ pub async fn server_first(greeting: &'static [u8]) -> SocketAddr {
     });
     a
 }
+
+/// A gRPC health server answering `grpc.health.v1.Health/Check` with `status` (1 = SERVING),
+/// over HTTP/2 prior knowledge.
+pub async fn grpc_health(status: u8) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let a = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| async move {
+                    let ok = req.uri().path() == "/grpc.health.v1.Health/Check";
+                    let _ = req.into_body().collect().await;
+                    let frames: Vec<Result<Frame<Bytes>, Infallible>> = vec![
+                        Ok(Frame::data(Bytes::from(vec![0, 0, 0, 0, 2, 0x08, status]))),
+                        Ok(Frame::trailers({
+                            let mut t = hyper::HeaderMap::new();
+                            t.insert(
+                                "grpc-status",
+                                if ok { "0" } else { "12" }.parse().expect("header"),
+                            );
+                            t
+                        })),
+                    ];
+                    let mut r = Response::new(StreamBody::new(futures_lite_iter(frames)).boxed());
+                    r.headers_mut()
+                        .insert("content-type", "application/grpc".parse().expect("header"));
+                    Ok::<_, Infallible>(r)
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    a
+}
+
+/// A TLS server presenting `pair` that answers every connection with `hello from <name>`.
+pub async fn tls_hello(cert_pem: &str, key_pem: &str, name: &'static str) -> SocketAddr {
+    use rustls_pki_types::pem::PemObject;
+    let certs: Vec<rustls_pki_types::CertificateDer<'static>> =
+        rustls_pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .expect("cert");
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("key");
+    let cfg = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let a = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(mut tls) = acceptor.accept(s).await {
+                    let _ = tls.write_all(format!("hello from {name}").as_bytes()).await;
+                    let _ = tls.shutdown().await;
+                }
+            });
+        }
+    });
+    a
+}

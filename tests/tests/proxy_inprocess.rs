@@ -470,3 +470,86 @@ async fn agent_port_runs_the_apps_original_probes_and_quitquitquit_exits() {
         .expect("join");
     drop(stop);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_app_probes_speak_the_health_protocol() {
+    let serving = upstream::grpc_health(1).await;
+    let not_serving = upstream::grpc_health(2).await;
+    let mut cfg = config(None, OutboundPolicy::AllowAny);
+    cfg.app_probers = [
+        (
+            "/app-health/api/readyz".to_owned(),
+            serde_json::json!({"grpc": {"port": serving.port(), "service": "shop.Cart"}}),
+        ),
+        (
+            "/app-health/api/livez".to_owned(),
+            serde_json::json!({"grpc": {"port": not_serving.port(), "service": null}}),
+        ),
+    ]
+    .into_iter()
+    .collect();
+    cfg.instance_ips = vec!["127.0.0.1".parse().expect("ip")];
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let running = app::start(cfg, OrigDst::Fixed(serving), rx)
+        .await
+        .expect("start");
+    let agent = local(running.addrs.agent);
+    let (code, body) = get(agent, "/app-health/api/readyz", "x").await;
+    assert_eq!((code, body.trim()), (200, "SERVING"));
+    let (code, body) = get(agent, "/app-health/api/livez", "x").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("not SERVING"), "{body}");
+    let _ = stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_is_passed_through_by_sni() {
+    let pki = ferry_tests::tls::Pki::new("sni-ca");
+    let pair = pki.issue(&["secure.default.svc.cluster.local"], 2031);
+    let tls_server = upstream::tls_hello(&pair.cert_pem, &pair.key_pem, "secure-v1").await;
+    let dir = tmpdir("sni");
+    let svc = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: secure, namespace: default}}\nspec: {{clusterIP: 10.96.0.77, ports: [{{name: https, port: 443, targetPort: {p}}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: secure-1, namespace: default, labels: {{kubernetes.io/service-name: secure}}}}\naddressType: IPv4\nports: [{{name: https, port: {p}}}]\nendpoints: [{{addresses: [\"127.0.0.1\"], conditions: {{ready: true}}}}]\n",
+        p = tls_server.port()
+    );
+    std::fs::write(dir.join("s.yaml"), svc).expect("write");
+    // The client dialled an address the registry does not know; its ClientHello names the service.
+    let p = proxy(
+        "192.0.2.44:443".parse().expect("addr"),
+        Some(dir.clone()),
+        OutboundPolicy::RegistryOnly,
+    )
+    .await;
+    let r = &p.running.readiness;
+    for _ in 0..50 {
+        if r.check().is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::pem::PemObject::pem_slice_iter(pki.ca_pem().as_bytes()) {
+        roots.add(c.expect("pem")).expect("root");
+    }
+    let client = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = TcpStream::connect(local(p.running.addrs.outbound))
+        .await
+        .expect("connect");
+    let name =
+        rustls_pki_types::ServerName::try_from("secure.default.svc.cluster.local").expect("name");
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client))
+        .connect(name, tcp)
+        .await
+        .expect("TLS end to end, not terminated by the proxy");
+    let mut got = String::new();
+    tls.read_to_string(&mut got).await.expect("read");
+    assert_eq!(got, "hello from secure-v1");
+    let _ = p.stop.send(true);
+    let _ = std::fs::remove_dir_all(&dir);
+}
