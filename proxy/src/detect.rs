@@ -79,61 +79,6 @@ pub async fn detect(s: &TcpStream, timeout: Duration) -> Detected {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn prefixes() {
-        assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Detected::Http1));
-        assert_eq!(classify(b"GE"), None);
-        assert_eq!(classify(H2_PREFACE), Some(Detected::Http2));
-        assert_eq!(classify(b"PRI * HT"), None);
-        assert_eq!(classify(&[0x16, 0x03, 0x01, 0x00]), Some(Detected::Tls));
-        assert_eq!(classify(b"\x00\x01hello"), Some(Detected::Opaque));
-        assert_eq!(classify(b"SSH-2.0"), Some(Detected::Opaque));
-        assert_eq!(classify(b"HELO x"), Some(Detected::Opaque));
-    }
-
-    #[test]
-    fn sni_parser_never_panics_on_truncated_or_garbage_input() {
-        // A ClientHello with SNI "a.b", built by hand.
-        let name = b"a.b";
-        let mut sni = vec![0x00, 0x00];
-        let list_len = (3 + name.len()) as u16;
-        let ext_len = 2 + list_len;
-        sni.extend_from_slice(&ext_len.to_be_bytes());
-        sni.extend_from_slice(&list_len.to_be_bytes());
-        sni.push(0);
-        sni.extend_from_slice(&(name.len() as u16).to_be_bytes());
-        sni.extend_from_slice(name);
-        let mut hello = vec![0x03, 0x03];
-        hello.extend_from_slice(&[7u8; 32]);
-        hello.extend_from_slice(&[0, 0, 2, 0x13, 0x01, 1, 0]);
-        hello.extend_from_slice(&(sni.len() as u16).to_be_bytes());
-        hello.extend_from_slice(&sni);
-        let mut hs = vec![0x01, 0, 0, hello.len() as u8];
-        hs.extend_from_slice(&hello);
-        let mut rec = vec![0x16, 0x03, 0x01];
-        rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
-        rec.extend_from_slice(&hs);
-        assert_eq!(parse_sni(&rec).as_deref(), Some("a.b"));
-        for cut in 0..rec.len() {
-            let _ = parse_sni(&rec[..cut]);
-        }
-        let mut x: u32 = 12345;
-        for _ in 0..2000 {
-            let mut junk = rec.clone();
-            for _ in 0..4 {
-                x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
-                let i = (x as usize) % junk.len();
-                junk[i] = (x >> 16) as u8;
-            }
-            let _ = parse_sni(&junk);
-        }
-    }
-}
-
 /// The server name (SNI) of a TLS ClientHello at the start of `buf`, if complete and present.
 pub fn parse_sni(buf: &[u8]) -> Option<String> {
     // TLS record header: type 22 (handshake), version, length.
@@ -195,5 +140,60 @@ pub async fn peek_sni(s: &TcpStream, timeout: Duration) -> Option<String> {
             return None;
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes() {
+        assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Detected::Http1));
+        assert_eq!(classify(b"GE"), None);
+        assert_eq!(classify(H2_PREFACE), Some(Detected::Http2));
+        assert_eq!(classify(b"PRI * HT"), None);
+        assert_eq!(classify(&[0x16, 0x03, 0x01, 0x00]), Some(Detected::Tls));
+        assert_eq!(classify(b"\x00\x01hello"), Some(Detected::Opaque));
+        assert_eq!(classify(b"SSH-2.0"), Some(Detected::Opaque));
+        assert_eq!(classify(b"HELO x"), Some(Detected::Opaque));
+    }
+
+    #[test]
+    fn sni_parser_never_panics_on_truncated_or_garbage_input() {
+        // A ClientHello with SNI "a.b", built by hand.
+        let name = b"a.b";
+        let mut sni = vec![0x00, 0x00];
+        let list_len = (3 + name.len()) as u16;
+        let ext_len = 2 + list_len;
+        sni.extend_from_slice(&ext_len.to_be_bytes());
+        sni.extend_from_slice(&list_len.to_be_bytes());
+        sni.push(0);
+        sni.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        sni.extend_from_slice(name);
+        let mut hello = vec![0x03, 0x03];
+        hello.extend_from_slice(&[7u8; 32]);
+        hello.extend_from_slice(&[0, 0, 2, 0x13, 0x01, 1, 0]);
+        hello.extend_from_slice(&(sni.len() as u16).to_be_bytes());
+        hello.extend_from_slice(&sni);
+        let mut hs = vec![0x01, 0, 0, hello.len() as u8];
+        hs.extend_from_slice(&hello);
+        let mut rec = vec![0x16, 0x03, 0x01];
+        rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+        rec.extend_from_slice(&hs);
+        assert_eq!(parse_sni(&rec).as_deref(), Some("a.b"));
+        for cut in 0..rec.len() {
+            let _ = parse_sni(&rec[..cut]);
+        }
+        let mut x: u32 = 12345;
+        for _ in 0..2000 {
+            let mut junk = rec.clone();
+            for _ in 0..4 {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                let i = (x as usize) % junk.len();
+                junk[i] = (x >> 16) as u8;
+            }
+            let _ = parse_sni(&junk);
+        }
     }
 }
