@@ -129,6 +129,7 @@ pub struct Snapshot {
     pub services: Vec<Arc<Service>>,
     by_vip: HashMap<SocketAddr, Arc<Service>>,
     by_host: HashMap<String, Arc<Service>>,
+    by_endpoint: HashMap<SocketAddr, Arc<Service>>,
     pods: HashMap<IpAddr, Arc<Workload>>,
     /// VirtualServices and DestinationRules as given (routing is the next layer's job).
     pub istio: Vec<Value>,
@@ -301,6 +302,11 @@ impl Snapshot {
                         .insert(SocketAddr::new(*ip, p.port), svc.clone());
                 }
             }
+            for e in svc.endpoints.values().flatten() {
+                snap.by_endpoint
+                    .entry(e.addr)
+                    .or_insert_with(|| svc.clone());
+            }
             for h in [
                 format!("{name}.{ns}.svc.{domain}"),
                 format!("{name}.{ns}.svc"),
@@ -347,6 +353,13 @@ impl Snapshot {
         self.by_host
             .get(host)
             .or_else(|| self.by_host.get(&format!("{host}.{client_ns}")))
+            .cloned()
+    }
+
+    /// The service an endpoint (pod IP:port) belongs to (inbound metrics).
+    pub fn service_for_endpoint(&self, addr: SocketAddr) -> Option<Arc<Service>> {
+        self.by_endpoint
+            .get(&SocketAddr::new(addr.ip().to_canonical(), addr.port()))
             .cloned()
     }
 
@@ -416,4 +429,110 @@ pub fn read_dir(dir: &Path) -> Result<(Vec<Value>, Option<SystemTime>), Error> {
         }
     }
     Ok((objects, newest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn objects() -> Vec<Value> {
+        let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec: {clusterIP: 10.96.1.10, ports: [{name: http, port: 9080, targetPort: 8080}, {name: grpc-api, port: 9090}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: reviews-1, namespace: shop, labels: {kubernetes.io/service-name: reviews}}
+addressType: IPv4
+ports: [{name: http, port: 8080}, {name: grpc-api, port: 9090}]
+endpoints:
+- {addresses: ["10.1.0.1"], conditions: {ready: true}}
+- {addresses: ["10.1.0.9"], conditions: {ready: false}}
+- {addresses: ["10.1.0.8"], conditions: {ready: false, serving: true, terminating: true}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v1-0, namespace: shop, labels: {app: reviews}}
+status: {podIP: 10.1.0.1}
+"#;
+        serde_yaml::Deserializer::from_str(yaml)
+            .map(|d| serde::Deserialize::deserialize(d).expect("doc"))
+            .collect()
+    }
+
+    #[test]
+    fn services_endpoints_hosts_and_pods() {
+        let snap = Snapshot::build(1, &objects(), "cluster.local");
+        let Target::Service { service, port } =
+            snap.target("10.96.1.10:9080".parse().expect("addr"))
+        else {
+            panic!("service")
+        };
+        assert_eq!((service.name.as_str(), port), ("reviews", 9080));
+        let eps: Vec<String> = service.endpoints[&9080]
+            .iter()
+            .map(|e| e.addr.to_string())
+            .collect();
+        assert_eq!(
+            eps,
+            ["10.1.0.1:8080", "10.1.0.8:8080"],
+            "not-ready excluded, serving-while-terminating kept"
+        );
+        assert_eq!(service.port(9090).map(|p| p.protocol), Some(Protocol::Grpc));
+        assert_eq!(service.port(9080).map(|p| p.protocol), Some(Protocol::Http));
+        for host in [
+            "reviews",
+            "reviews.shop",
+            "reviews.shop.svc",
+            "reviews.shop.svc.cluster.local",
+            "reviews.shop:9080",
+            "reviews.shop.svc.cluster.local.",
+        ] {
+            assert!(snap.service_by_host(host, "shop").is_some(), "{host}");
+        }
+        assert!(
+            snap.service_by_host("reviews", "other").is_none(),
+            "short names resolve in the client's namespace"
+        );
+        assert_eq!(
+            snap.service_for_endpoint("10.1.0.1:8080".parse().expect("addr"))
+                .map(|s| s.name.clone())
+                .as_deref(),
+            Some("reviews")
+        );
+        assert!(matches!(
+            snap.target("10.1.0.1:7777".parse().expect("addr")),
+            Target::Pod { .. }
+        ));
+        assert!(matches!(
+            snap.target("192.0.2.1:80".parse().expect("addr")),
+            Target::Unknown(_)
+        ));
+        assert_eq!(
+            snap.workload("10.1.0.1".parse().expect("ip"))
+                .map(|w| w.name.clone())
+                .as_deref(),
+            Some("reviews")
+        );
+    }
+
+    #[test]
+    fn protocol_from_app_protocol_or_port_name() {
+        assert_eq!(Protocol::of_port(Some("http-web"), None), Protocol::Http);
+        assert_eq!(
+            Protocol::of_port(Some("tcp-db"), Some("http")),
+            Protocol::Http,
+            "appProtocol wins"
+        );
+        assert_eq!(
+            Protocol::of_port(Some("web"), Some("kubernetes.io/h2c")),
+            Protocol::Http2
+        );
+        assert_eq!(Protocol::of_port(Some("mysql"), None), Protocol::Tcp);
+        assert_eq!(Protocol::of_port(Some("https"), None), Protocol::Tls);
+        assert_eq!(Protocol::of_port(Some("metrics"), None), Protocol::Unknown);
+        assert_eq!(Protocol::of_port(None, None), Protocol::Unknown);
+    }
 }

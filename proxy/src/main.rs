@@ -108,10 +108,12 @@ fn wait(rest: &[String]) -> ExitCode {
 /// `config KIND [-o json] [--admin ADDR]`
 fn config_cmd(rest: &[String]) -> ExitCode {
     let kind = rest.first().map(String::as_str).unwrap_or("all");
-    let json = flag(rest, "output")
-        .or_else(|| flag(rest, "o"))
-        .is_some_and(|o| o == "json")
-        || rest.iter().any(|a| a == "-ojson");
+    // istioctl spellings: -o json, -ojson, -o=json, --output json, --output=json.
+    let json = rest.iter().enumerate().any(|(i, a)| {
+        matches!(a.as_str(), "-ojson" | "-o=json" | "--output=json")
+            || (matches!(a.as_str(), "-o" | "--output")
+                && rest.get(i + 1).map(String::as_str) == Some("json"))
+    });
     let admin = flag(rest, "admin").unwrap_or("127.0.0.1:15000");
     let dump = match http(admin, "GET", "/config_dump")
         .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(&b).map_err(|e| e.to_string()))

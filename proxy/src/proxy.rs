@@ -207,31 +207,39 @@ impl Proxy {
             },
             self.cfg.pod_namespace.clone(),
         );
-        let peer = snap
-            .workload(c.peer.ip())
-            .map(|w| (w.name.clone(), w.namespace.clone()));
         let unknown = || ("unknown".to_owned(), "unknown".to_owned());
         let (src, dst) = match c.dir {
-            Direction::Outbound => {
-                let dst = match target {
+            // The destination workload of a service is known once an endpoint is picked.
+            Direction::Outbound => (
+                me,
+                match target {
                     Target::Pod { workload, .. } => {
                         (workload.name.clone(), workload.namespace.clone())
                     }
                     _ => unknown(),
-                };
-                (me, dst)
-            }
-            Direction::Inbound => (peer.unwrap_or_else(unknown), me),
-        };
-        let (svc, svc_name, svc_ns) = match target {
-            Target::Service { service, .. } => (
-                service.hostname(&self.cfg.cluster_domain),
-                service.name.clone(),
-                service.namespace.clone(),
+                },
             ),
-            Target::Pod { addr, .. } | Target::Unknown(addr) => {
-                (addr.to_string(), "unknown".into(), "unknown".into())
-            }
+            Direction::Inbound => (
+                snap.workload(c.peer.ip())
+                    .map(|w| (w.name.clone(), w.namespace.clone()))
+                    .unwrap_or_else(unknown),
+                me,
+            ),
+        };
+        // Inbound: the service whose endpoint this pod:port is. Never raw addresses: passthrough
+        // destinations would make the label cardinality unbounded.
+        let service = match (c.dir, target) {
+            (_, Target::Service { service, .. }) => Some(service.clone()),
+            (Direction::Inbound, _) => snap.service_for_endpoint(c.orig),
+            _ => None,
+        };
+        let (svc, svc_name, svc_ns) = match &service {
+            Some(s) => (
+                s.hostname(&self.cfg.cluster_domain),
+                s.name.clone(),
+                s.namespace.clone(),
+            ),
+            None => ("unknown".into(), "unknown".into(), "unknown".into()),
         };
         Labels {
             reporter: c.dir.reporter().into(),
@@ -248,6 +256,17 @@ impl Proxy {
             response_code: String::new(),
             response_flags: "-".into(),
             connection_security_policy: "none".into(),
+        }
+    }
+
+    /// Fill in the destination workload from the endpoint actually picked.
+    fn set_endpoint(labels: &mut Labels, snap: &Snapshot, endpoint: SocketAddr) {
+        if labels.reporter == "source"
+            && let Some(w) = snap.workload(endpoint.ip())
+        {
+            labels.destination_workload = w.name.clone();
+            labels.destination_canonical_service = w.name.clone();
+            labels.destination_workload_namespace = w.namespace.clone();
         }
     }
 
@@ -360,6 +379,7 @@ impl Proxy {
                 return;
             }
         };
+        Self::set_endpoint(&mut labels, &snap, upstream);
         self.metrics.tcp_opened.get_or_create(&labels).inc();
         let source = (c.dir == Direction::Inbound).then(|| transport::inbound_source(&upstream));
         let started = Instant::now();
@@ -501,6 +521,7 @@ impl Proxy {
                 );
             }
         };
+        Self::set_endpoint(&mut labels, &snap, endpoint);
         let line = req_line(&req);
         let req_len = req
             .headers()

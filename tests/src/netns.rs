@@ -68,7 +68,7 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A pod namespace and a peer namespace joined by a veth pair; both deleted on drop.
 ///
-/// Pod: `10.<n>.0.2/24`, `fd77:<n>::2/64` on `eth0`, default routes via the peer.
+/// Pod: `10.<n>.0.2/24`, `fd77:<n>::2/64` on `eth0`; each side's default route is the other.
 /// Peer: `10.<n>.0.1/24`, `fd77:<n>::1/64`.
 pub struct Pair {
     pub pod: String,
@@ -123,28 +123,17 @@ impl Pair {
             }
             must(&["ip", "-n", ns, "link", "set", "eth0", "up"]);
         }
-        must(&[
-            "ip",
-            "-n",
-            &pair.pod,
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("10.{n}.0.1"),
-        ]);
+        // Both ends get a default route through the other, as pods have one: what neither
+        // namespace holds bounces between the two and never leaves them.
+        let route = |ns: &str, via: String, v6: bool| {
+            let fam = if v6 { "-6" } else { "-4" };
+            must(&["ip", "-n", ns, fam, "route", "add", "default", "via", &via]);
+        };
+        route(&pair.pod, format!("10.{n}.0.1"), false);
+        route(&pair.peer, format!("10.{n}.0.2"), false);
         if ipv6 {
-            must(&[
-                "ip",
-                "-n",
-                &pair.pod,
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("fd77:{n}::1"),
-            ]);
+            route(&pair.pod, format!("fd77:{n}::1"), true);
+            route(&pair.peer, format!("fd77:{n}::2"), true);
         }
         pair
     }

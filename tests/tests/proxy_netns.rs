@@ -273,6 +273,34 @@ async fn two_meshed_pods_talk_through_both_sidecars() {
             dump,
             &["server.default.svc.cluster.local", "virtualOutbound"],
         );
+        // The istioctl proxy-config workflow, from inside the pod.
+        let bin = workspace_bin("ferry-proxy");
+        let bin = bin.to_str().expect("utf8");
+        let out = p.exec(&pod, &[bin, "config", "clusters"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !(out.status.success()
+            && text.contains("server.default.svc.cluster.local")
+            && text.contains("Http"))
+        {
+            failures.push(format!("ferry-proxy config clusters: {text}"));
+        }
+        let out = p.exec(&pod, &[bin, "config", "endpoints"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !text.contains(&format!("{peer_ip}:8080")) {
+            failures.push(format!("ferry-proxy config endpoints: {text}"));
+        }
+        let out = p.exec(&pod, &[bin, "config", "listeners", "-o", "json"]);
+        if serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .map(|v| v.as_array().map(|a| a.len()))
+            .ok()
+            .flatten()
+            != Some(6)
+        {
+            failures.push(format!(
+                "ferry-proxy config listeners -o json: {}",
+                String::from_utf8_lossy(&out.stdout)
+            ));
+        }
         let outside = netcheck(
             p,
             &p.peer,

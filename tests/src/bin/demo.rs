@@ -1,27 +1,14 @@
-//! `ferry-demo`: the README's main job until the local lab exists. Shows the ruleset an injected
-//! pod gets, then (as root) applies it with the real `ferry-init` in a throw-away pod namespace,
-//! proves capture with a real connection, and removes everything again.
+//! `ferry-demo`: the README's main job until the local lab exists. The injector decides and
+//! injects a Deployment; then (as root) two pod namespaces get `ferry-init`'s rules and a
+//! `ferry-proxy` each, running as UID 1337, and a request crosses both sidecars through a Service
+//! ClusterIP. Everything it creates is removed at the end.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
-use clap::Parser;
-use ferry_init::config::{Args, Config};
-use ferry_init::generate::{self, Facts};
-use ferry_tests::netns::{Listeners, Pair, token};
-
-/// What Istio's injection template passes to the `istio-init` container.
-const INJECTED_ARGS: &[&str] = ferry_init::spec::INJECTED_DEFAULT_ARGS;
-
-fn sibling(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("own path");
-    exe.with_file_name(name)
-}
-
-fn step(title: &str) {
-    println!("\n== {title}");
-}
+use ferry_tests::netns::{Child, Pair, bind_in};
+use ferry_tests::upstream;
 
 const SAMPLE: &str = r#"
 apiVersion: apps/v1
@@ -39,9 +26,33 @@ spec:
         readinessProbe: {httpGet: {path: /ready, port: 8080}}
 "#;
 
+fn step(title: &str) {
+    println!("\n== {title}");
+}
+
+fn sibling(name: &str) -> String {
+    std::env::current_exe()
+        .expect("own path")
+        .with_file_name(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn registry(pair: &Pair, vip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: reviews, namespace: shop}}\nspec: {{clusterIP: {vip}, ports: [{{name: http, port: 9080, targetPort: 8080}}]}}\n---\n\
+apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: reviews-1, namespace: shop, labels: {{kubernetes.io/service-name: reviews}}}}\naddressType: IPv4\n\
+ports: [{{name: http, port: 8080}}]\nendpoints: [{{addresses: [\"{server}\"], conditions: {{ready: true}}}}]\n---\n\
+apiVersion: v1\nkind: Pod\nmetadata: {{name: reviews-v1-0, namespace: shop, labels: {{app: reviews, version: v1}}}}\nspec: {{containers: [{{name: app, image: x}}]}}\nstatus: {{podIP: \"{server}\"}}\n---\n\
+apiVersion: v1\nkind: Pod\nmetadata: {{name: productpage-0, namespace: shop, labels: {{app: productpage}}}}\nspec: {{containers: [{{name: app, image: x}}]}}\nstatus: {{podIP: \"{client}\"}}\n",
+        server = pair.peer_ip(),
+        client = pair.pod_ip()
+    )
+}
+
 fn main() {
     step(
-        "0. ferry-injector explains and injects a Deployment in a namespace labelled istio-injection=enabled",
+        "1. ferry-injector explains and injects a Deployment in a namespace labelled istio-injection=enabled",
     );
     let cfg = ferry_injector::config::Config::default();
     let docs = ferry_injector::offline::parse_documents(SAMPLE).expect("sample parses");
@@ -51,117 +62,189 @@ fn main() {
         ferry_injector::offline::explain(&cfg, &docs[0], &labels, None).expect("explain")
     );
     let (out, _) = ferry_injector::offline::inject_documents(&cfg, docs).expect("inject");
-    let spec = &out[0]["spec"]["template"]["spec"];
     println!(
         "   rewritten readiness probe: {}",
-        spec["containers"][0]["readinessProbe"]
+        out[0]["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
     );
 
-    step("1. the ruleset an injected pod gets (ferry-init --dry-run, IPv4 pod)");
-    println!(
-        "$ ferry-init {}",
-        INJECTED_ARGS
-            .join(" ")
-            .replace(" -x  ", " -x '' ")
-            .replace(" * ", " '*' ")
-    );
-    let args = Args::try_parse_from(INJECTED_ARGS).expect("Istio's args parse");
-    let cfg = Config::from_args(&args, &std::collections::HashMap::new()).expect("valid config");
-    let plan = generate::plan(&cfg, &Facts::default());
-    print!("{}", ferry_init::dry_run_text(&cfg, &plan));
+    step("2. the capture rules the injected istio-init installs (ferry-init --dry-run)");
+    let init = sibling("ferry-init");
+    let dry = Command::new(&init)
+        .args(ferry_init::spec::INJECTED_DEFAULT_ARGS)
+        .arg("--dry-run")
+        .output()
+        .expect("ferry-init");
+    print!("{}", String::from_utf8_lossy(&dry.stdout));
 
     if !nix::unistd::Uid::effective().is_root() {
-        println!(
-            "\n(not root: skipping the live part; run `sudo bash .ci/demo` to see capture in a namespace)"
-        );
+        println!("\n(not root: the live part needs network namespaces; run `sudo bash .ci/demo`)");
         return;
     }
-    let init = sibling("ferry-init");
-    let netcheck = sibling("ferry-netcheck");
-    let run = |pair: &Pair, extra: &[&str]| {
-        let mut cmd = vec![init.to_str().expect("utf8")];
-        cmd.extend_from_slice(INJECTED_ARGS);
-        cmd.extend_from_slice(extra);
-        let out = pair.exec(&pair.pod, &cmd);
-        print!("{}", String::from_utf8_lossy(&out.stderr));
-        assert!(out.status.success(), "ferry-init failed");
-    };
-
-    step("2. a pod namespace (10.X.0.2) and a peer outside it (10.X.0.1), joined by a veth pair");
+    step(
+        "3. two pods: productpage (10.X.0.2) and reviews (10.X.0.1), each its own network namespace",
+    );
     let pair = Pair::new(false);
     println!(
-        "pod netns {} = {}, peer netns {} = {}",
+        "   productpage: netns {} {}   reviews: netns {} {}",
         pair.pod,
         pair.pod_ip(),
         pair.peer,
         pair.peer_ip()
     );
+    for ns in [&pair.pod, &pair.peer] {
+        let mut cmd = vec![init.as_str()];
+        cmd.extend_from_slice(ferry_init::spec::INJECTED_DEFAULT_ARGS);
+        cmd.extend(["--run-validation", "--probe-timeout=3s"]);
+        let out = pair.exec(ns, &cmd);
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "ferry-init failed: {log}");
+        for l in log
+            .lines()
+            .filter(|l| l.contains("applied") || l.contains("probe passed"))
+        {
+            println!("   [{ns}] {}", l.split("  ").last().unwrap_or(l).trim());
+        }
+    }
 
-    step("3. ferry-init applies the rules atomically and validates them (--run-validation)");
-    run(&pair, &["--run-validation", "--probe-timeout=3s"]);
-    println!("$ iptables-save -t nat   (inside the pod)");
-    let save =
-        String::from_utf8_lossy(&pair.exec(&pair.pod, &["iptables-save", "-t", "nat"]).stdout)
-            .into_owned();
-    save.lines()
-        .filter(|l| !l.starts_with('#'))
-        .for_each(|l| println!("  {l}"));
+    step("4. ferry-proxy starts in each pod as UID 1337 (Istio's istio-proxy arguments)");
+    let dir = std::env::temp_dir().join(format!("ferry-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let vip = format!("10.96.{}.10", pair.n);
+    std::fs::write(dir.join("registry.yaml"), registry(&pair, &vip)).expect("write");
+    let proxy = sibling("ferry-proxy");
+    let start = |ns: &str, pod: &str, ip: String| {
+        Child(
+            Command::new("nsenter")
+                .arg(format!("--net=/var/run/netns/{ns}"))
+                .args([
+                    "-S",
+                    "1337",
+                    "-G",
+                    "1337",
+                    "env",
+                    &format!("POD_NAME={pod}"),
+                    "POD_NAMESPACE=shop",
+                    &format!("INSTANCE_IP={ip}"),
+                    &format!("ISTIO_META_WORKLOAD_NAME={}", pod.trim_end_matches("-0")),
+                ])
+                .arg(&proxy)
+                .args([
+                    "proxy",
+                    "sidecar",
+                    "--domain",
+                    "shop.svc.cluster.local",
+                    "--proxyLogLevel=warning",
+                    "--log_output_level=default:warn",
+                    "--no-kube",
+                    "--config-dir",
+                ])
+                .arg(&dir)
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("ferry-proxy"),
+        )
+    };
+    let mut proxies = vec![
+        start(&pair.pod, "productpage-0", pair.pod_ip()),
+        start(&pair.peer, "reviews-v1-0", pair.peer_ip()),
+    ];
+    let netcheck = sibling("ferry-netcheck");
+    let http = |ns: &str, uid: u32, addr: &str, path: &str, host: &str| {
+        let out = pair.exec_as(ns, uid, &[&netcheck, "http", addr, path, host]);
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let started = Instant::now();
+    while !(http(&pair.pod, 1000, "127.0.0.1:15021", "/healthz/ready", "x").starts_with("200")
+        && http(&pair.peer, 1000, "127.0.0.1:15021", "/healthz/ready", "x").starts_with("200"))
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "proxies did not become ready"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!("   both proxies report ready on :15021/healthz/ready");
 
-    step("4. the same again: a restarted init container changes nothing");
-    run(&pair, &[]);
+    // The reviews app (in its pod's namespace), answering who it is and what it saw.
+    let listener = bind_in(&pair.peer, SocketAddr::from(([0, 0, 0, 0], 8080)));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.spawn(async move {
+        upstream::serve_http(
+            tokio::net::TcpListener::from_std(listener).expect("listener"),
+            "reviews-v1".into(),
+        )
+        .await
+    });
 
-    step(
-        "5. real traffic: the app (uid 1000) dials the peer; the capture listener on 15001 gets it",
-    );
-    let listeners = Listeners::start(
-        &pair.pod,
-        &["0.0.0.0:15001", "0.0.0.0:15006"].map(|a| a.parse::<SocketAddr>().expect("addr")),
-    );
-    let dst = format!("{}:8080", pair.peer_ip());
-    let t = token("demo");
-    let out = pair.exec_as(
+    step(&format!(
+        "5. productpage (uid 1000) calls http://reviews.shop:9080 via the ClusterIP {vip}"
+    ));
+    let answer = http(
         &pair.pod,
         1000,
-        &[netcheck.to_str().expect("utf8"), "connect", &dst, &t],
+        &format!("{vip}:9080"),
+        "/reviews/1",
+        "reviews.shop:9080",
     );
-    match listeners.wait_for(&t) {
-        Some(a) => println!(
-            "app -> {dst}: accepted on port {}, SO_ORIGINAL_DST = {} (client got {:?})",
-            a.port,
-            a.orig_dst
-                .map(|d| d.to_string())
-                .unwrap_or_else(|| "?".into()),
-            String::from_utf8_lossy(&out.stdout).trim()
-        ),
-        None => println!(
-            "app -> {dst}: NOT captured ({})",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ),
-    }
-    let t = token("demo-in");
-    let dst = format!("{}:9080", pair.pod_ip());
-    let _ = pair.exec(
-        &pair.peer,
-        &[netcheck.to_str().expect("utf8"), "connect", &dst, &t],
-    );
-    match listeners.wait_for(&t) {
-        Some(a) => println!(
-            "peer -> {dst}: accepted on port {} (inbound capture), SO_ORIGINAL_DST = {:?}",
-            a.port, a.orig_dst
-        ),
-        None => println!("peer -> {dst}: NOT captured"),
-    }
-    drop(listeners);
-
-    step("6. --cleanup-only removes every ISTIO_* chain and jump");
-    run(&pair, &["--cleanup-only"]);
-    let save =
-        String::from_utf8_lossy(&pair.exec(&pair.pod, &["iptables-save"]).stdout).into_owned();
+    println!("   response: {answer}");
     println!(
-        "ISTIO_* rules left: {}",
-        save.lines().filter(|l| l.contains("ISTIO_")).count()
+        "   (\"peer\" is 127.0.0.6: the reviews sidecar delivered it to the app; the app never saw the client's address)"
     );
+    let metrics = http(&pair.pod, 1000, "127.0.0.1:15090", "/stats/prometheus", "x");
+    for l in metrics
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total"))
+    {
+        println!("   productpage sidecar: {l}");
+    }
+    let metrics = http(
+        &pair.peer,
+        1000,
+        "127.0.0.1:15090",
+        "/stats/prometheus",
+        "x",
+    );
+    for l in metrics
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total"))
+    {
+        println!("   reviews sidecar:     {l}");
+    }
+    println!("   $ ferry-proxy config clusters   (in productpage)");
+    let out = pair.exec(&pair.pod, &[&proxy, "config", "clusters"]);
+    for l in String::from_utf8_lossy(&out.stdout).lines() {
+        println!("     {l}");
+    }
+
+    step(
+        "6. SIGTERM the sidecars (they drain and exit 0), remove the rules, delete the namespaces",
+    );
+    for p in &mut proxies {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let status = p.0.wait().expect("wait");
+        println!("   ferry-proxy exited: {status}");
+    }
+    for ns in [&pair.pod, &pair.peer] {
+        let mut cmd = vec![init.as_str()];
+        cmd.extend_from_slice(ferry_init::spec::INJECTED_DEFAULT_ARGS);
+        cmd.push("--cleanup-only");
+        let out = pair.exec(ns, &cmd);
+        assert!(out.status.success(), "cleanup failed");
+        let left = String::from_utf8_lossy(&pair.exec(ns, &["iptables-save"]).stdout)
+            .lines()
+            .filter(|l| l.contains("ISTIO_"))
+            .count();
+        println!("   [{ns}] ISTIO_* rules left: {left}");
+    }
+    drop(rt);
     drop(pair);
-    println!("\nnamespaces removed. Done.");
-    let _ = Command::new("true").status();
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("\nDone: namespaces and files removed.");
 }
