@@ -18,4 +18,5 @@ pub mod discovery;
 pub mod k8s;
 pub mod metrics;
 pub mod proxy;
+pub mod routing;
 pub mod transport;

@@ -1,0 +1,709 @@
+//! Istio routing semantics, pure: VirtualServices and DestinationRules (v1, v1beta1, v1alpha3,
+//! unmodified YAML) compiled once per configuration change into a [`RouteTable`]; per request, the
+//! table finds the first matching HTTP route of the destination host (Istio: first match wins, in
+//! order) and picks a weighted destination. Invalid resources are rejected one by one with a
+//! diagnostic naming the resource and field; the rest keeps working.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use regex::Regex;
+use serde_json::Value;
+
+/// A string match (`exact`, `prefix`, `regex` — RE2 syntax, full match as Istio defines it).
+#[derive(Clone, Debug)]
+pub enum StringMatch {
+    Exact(String),
+    Prefix(String),
+    Regex(Regex),
+    /// `{}`: present, any value (headers).
+    Present,
+}
+
+impl StringMatch {
+    fn parse(v: &Value, field: &str) -> Result<StringMatch, String> {
+        let Some(m) = v.as_object() else {
+            return Err(format!(
+                "{field}: expected an object with exact, prefix or regex"
+            ));
+        };
+        if let Some(s) = m.get("exact").and_then(Value::as_str) {
+            return Ok(StringMatch::Exact(s.to_owned()));
+        }
+        if let Some(s) = m.get("prefix").and_then(Value::as_str) {
+            return Ok(StringMatch::Prefix(s.to_owned()));
+        }
+        if let Some(s) = m.get("regex").and_then(Value::as_str) {
+            // Anchored: Istio (Envoy) regex matches the whole value.
+            return Regex::new(&format!("^(?:{s})$"))
+                .map(StringMatch::Regex)
+                .map_err(|e| format!("{field}.regex {s:?}: {e}"));
+        }
+        if m.is_empty() {
+            return Ok(StringMatch::Present);
+        }
+        Err(format!("{field}: expected exact, prefix or regex"))
+    }
+
+    fn matches(&self, v: &str, ignore_case: bool) -> bool {
+        match self {
+            StringMatch::Exact(s) if ignore_case => s.eq_ignore_ascii_case(v),
+            StringMatch::Exact(s) => s == v,
+            StringMatch::Prefix(p) if ignore_case => {
+                v.len() >= p.len() && v[..p.len()].eq_ignore_ascii_case(p)
+            }
+            StringMatch::Prefix(p) => v.starts_with(p.as_str()),
+            StringMatch::Regex(r) => r.is_match(v),
+            StringMatch::Present => true,
+        }
+    }
+}
+
+/// One `match` block: every present condition must hold.
+#[derive(Clone, Debug, Default)]
+pub struct Match {
+    pub name: String,
+    uri: Option<StringMatch>,
+    scheme: Option<StringMatch>,
+    method: Option<StringMatch>,
+    authority: Option<StringMatch>,
+    headers: Vec<(String, StringMatch)>,
+    without_headers: Vec<(String, StringMatch)>,
+    query_params: Vec<(String, StringMatch)>,
+    ignore_uri_case: bool,
+    port: Option<u16>,
+    source_labels: BTreeMap<String, String>,
+    source_namespace: Option<String>,
+}
+
+/// What the matcher sees of a request.
+pub struct RequestView<'a> {
+    pub method: &'a str,
+    pub scheme: &'a str,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub authority: &'a str,
+    pub port: u16,
+    pub headers: &'a dyn Fn(&str) -> Option<&'a str>,
+    pub source_labels: &'a BTreeMap<String, String>,
+    pub source_namespace: &'a str,
+}
+
+impl Match {
+    fn matches(&self, r: &RequestView<'_>) -> bool {
+        let sm = |m: &Option<StringMatch>, v: &str| m.as_ref().is_none_or(|m| m.matches(v, false));
+        let host = r
+            .authority
+            .rsplit_once(':')
+            .filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit()))
+            .map(|(h, _)| h)
+            .unwrap_or(r.authority);
+        self.uri
+            .as_ref()
+            .is_none_or(|m| m.matches(r.path, self.ignore_uri_case))
+            && sm(&self.scheme, r.scheme)
+            && sm(&self.method, r.method)
+            && (self.authority.is_none()
+                || sm(&self.authority, r.authority)
+                || sm(&self.authority, host))
+            && self.port.is_none_or(|p| p == r.port)
+            && self
+                .headers
+                .iter()
+                .all(|(k, m)| (r.headers)(k).is_some_and(|v| m.matches(v, false)))
+            && self
+                .without_headers
+                .iter()
+                .all(|(k, m)| !(r.headers)(k).is_some_and(|v| m.matches(v, false)))
+            && self
+                .query_params
+                .iter()
+                .all(|(k, m)| query_param(r.query, k).is_some_and(|v| m.matches(&v, false)))
+            && self
+                .source_labels
+                .iter()
+                .all(|(k, v)| r.source_labels.get(k) == Some(v))
+            && self
+                .source_namespace
+                .as_deref()
+                .is_none_or(|ns| ns == r.source_namespace)
+    }
+}
+
+fn query_param(q: Option<&str>, key: &str) -> Option<String> {
+    q?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == key).then(|| v.to_owned())
+    })
+}
+
+/// A destination of a route.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Destination {
+    /// Fully qualified service host.
+    pub host: String,
+    pub subset: Option<String>,
+    pub port: Option<u16>,
+    pub weight: u32,
+}
+
+/// Header edits (`headers.request` / `headers.response`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HeaderOps {
+    pub set: Vec<(String, String)>,
+    pub add: Vec<(String, String)>,
+    pub remove: Vec<String>,
+}
+
+/// What a matched route does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    Route(Vec<Destination>),
+    Redirect {
+        uri: Option<String>,
+        authority: Option<String>,
+        code: u16,
+        scheme: Option<String>,
+    },
+}
+
+/// One compiled `http[]` entry.
+#[derive(Clone, Debug)]
+pub struct HttpRoute {
+    /// `namespace/name` of the VirtualService and the rule's index or name, for explanations.
+    pub origin: String,
+    matches: Vec<Match>,
+    pub action: Action,
+    pub rewrite_uri: Option<String>,
+    pub rewrite_authority: Option<String>,
+    pub request_headers: HeaderOps,
+    pub response_headers: HeaderOps,
+    /// Fields accepted but not implemented yet (reported, never silently ignored).
+    pub unsupported: Vec<String>,
+}
+
+impl HttpRoute {
+    /// `Some(match name or "*")` when the request matches this rule.
+    pub fn matches(&self, r: &RequestView<'_>) -> Option<String> {
+        if self.matches.is_empty() {
+            return Some("(no match: catch-all)".into());
+        }
+        self.matches.iter().find(|m| m.matches(r)).map(|m| {
+            if m.name.is_empty() {
+                "match".into()
+            } else {
+                m.name.clone()
+            }
+        })
+    }
+}
+
+/// Load-balancing policy of a destination (DestinationRule `trafficPolicy.loadBalancer`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LoadBalancer {
+    RoundRobin,
+    Random,
+    LeastRequest,
+    Passthrough,
+    HashHeader(String),
+    HashCookie(String),
+    HashSourceIp,
+}
+
+/// A compiled DestinationRule.
+#[derive(Clone, Debug)]
+pub struct Rule {
+    pub origin: String,
+    pub lb: LoadBalancer,
+    /// subset name → (pod labels, load balancer override)
+    pub subsets: BTreeMap<String, (BTreeMap<String, String>, Option<LoadBalancer>)>,
+}
+
+/// Everything compiled from the Istio resources of one snapshot.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    http: HashMap<String, Vec<Arc<HttpRoute>>>,
+    wildcard: Vec<(String, Arc<HttpRoute>)>,
+    rules: HashMap<String, Arc<Rule>>,
+    /// One line per rejected resource or field, naming it.
+    pub diagnostics: Vec<String>,
+}
+
+/// `name` → FQDN in the resource's namespace (Istio resolves short names there).
+pub fn fqdn(host: &str, namespace: &str, domain: &str) -> String {
+    let h = host.trim_end_matches('.');
+    if h.contains('*') || h.ends_with(&format!(".svc.{domain}")) {
+        return h.to_owned();
+    }
+    match h.split('.').count() {
+        1 => format!("{h}.{namespace}.svc.{domain}"),
+        2 => format!("{h}.svc.{domain}"),
+        _ if h.ends_with(".svc") => format!("{h}.{domain}"),
+        _ => h.to_owned(),
+    }
+}
+
+fn lb(v: &Value) -> Result<Option<LoadBalancer>, String> {
+    let Some(l) = v.get("loadBalancer") else {
+        return Ok(None);
+    };
+    if let Some(s) = l.get("simple").and_then(Value::as_str) {
+        return Ok(Some(match s {
+            "ROUND_ROBIN" | "UNSPECIFIED" => LoadBalancer::RoundRobin,
+            "RANDOM" => LoadBalancer::Random,
+            "LEAST_REQUEST" | "LEAST_CONN" => LoadBalancer::LeastRequest,
+            "PASSTHROUGH" => LoadBalancer::Passthrough,
+            other => {
+                return Err(format!(
+                    "loadBalancer.simple {other:?} is not ROUND_ROBIN, RANDOM, LEAST_REQUEST or PASSTHROUGH"
+                ));
+            }
+        }));
+    }
+    if let Some(h) = l.get("consistentHash") {
+        if let Some(n) = h.get("httpHeaderName").and_then(Value::as_str) {
+            return Ok(Some(LoadBalancer::HashHeader(n.to_ascii_lowercase())));
+        }
+        if let Some(n) = h
+            .get("httpCookie")
+            .and_then(|c| c.get("name"))
+            .and_then(Value::as_str)
+        {
+            return Ok(Some(LoadBalancer::HashCookie(n.to_owned())));
+        }
+        if h.get("useSourceIp").and_then(Value::as_bool) == Some(true) {
+            return Ok(Some(LoadBalancer::HashSourceIp));
+        }
+        return Err("consistentHash needs httpHeaderName, httpCookie.name or useSourceIp".into());
+    }
+    Ok(None)
+}
+
+fn header_ops(v: Option<&Value>) -> HeaderOps {
+    let pairs = |k: &str| -> Vec<(String, String)> {
+        v.and_then(|v| v.get(k))
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .map(|(a, b)| {
+                        (
+                            a.to_ascii_lowercase(),
+                            b.as_str().unwrap_or_default().to_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    HeaderOps {
+        set: pairs("set"),
+        add: pairs("add"),
+        remove: v
+            .and_then(|v| v.get("remove"))
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_ascii_lowercase))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
+}
+
+fn compile_match(m: &Value, field: &str) -> Result<Match, String> {
+    let sm = |k: &str| -> Result<Option<StringMatch>, String> {
+        m.get(k)
+            .map(|v| StringMatch::parse(v, &format!("{field}.{k}")))
+            .transpose()
+    };
+    let map = |k: &str, lower: bool| -> Result<Vec<(String, StringMatch)>, String> {
+        m.get(k)
+            .and_then(Value::as_object)
+            .map(|o| {
+                o.iter()
+                    .map(|(n, v)| {
+                        Ok((
+                            if lower {
+                                n.to_ascii_lowercase()
+                            } else {
+                                n.clone()
+                            },
+                            StringMatch::parse(v, &format!("{field}.{k}.{n}"))?,
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap_or(Ok(vec![]))
+    };
+    Ok(Match {
+        name: m
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned(),
+        uri: sm("uri")?,
+        scheme: sm("scheme")?,
+        method: sm("method")?,
+        authority: sm("authority")?,
+        headers: map("headers", true)?,
+        without_headers: map("withoutHeaders", true)?,
+        query_params: map("queryParams", false)?,
+        ignore_uri_case: m
+            .get("ignoreUriCase")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        port: m
+            .get("port")
+            .and_then(Value::as_u64)
+            .and_then(|p| u16::try_from(p).ok()),
+        source_labels: m
+            .get("sourceLabels")
+            .and_then(Value::as_object)
+            .map(|o| {
+                o.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        source_namespace: m
+            .get("sourceNamespace")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+    })
+}
+
+const UNSUPPORTED_HTTP: &[&str] = &[
+    "timeout",
+    "retries",
+    "fault",
+    "mirror",
+    "mirrorPercentage",
+    "mirrors",
+    "corsPolicy",
+    "delegate",
+    "directResponse",
+];
+
+fn compile_http(
+    vs: &str,
+    ns: &str,
+    i: usize,
+    r: &Value,
+    domain: &str,
+) -> Result<HttpRoute, String> {
+    let name = r
+        .get("name")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("http[{i}]"));
+    let field = format!("{vs} {name}");
+    let matches = r
+        .get("match")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .enumerate()
+                .map(|(j, m)| compile_match(m, &format!("{field}.match[{j}]")))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .unwrap_or(Ok(vec![]))?;
+    let action = if let Some(rd) = r.get("redirect") {
+        Action::Redirect {
+            uri: rd.get("uri").and_then(Value::as_str).map(str::to_owned),
+            authority: rd
+                .get("authority")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            code: rd
+                .get("redirectCode")
+                .and_then(Value::as_u64)
+                .and_then(|c| u16::try_from(c).ok())
+                .unwrap_or(301),
+            scheme: rd.get("scheme").and_then(Value::as_str).map(str::to_owned),
+        }
+    } else {
+        let dests = r
+            .get("route")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        if dests.is_empty() {
+            return Err(format!("{field}: needs route or redirect"));
+        }
+        let mut out = Vec::new();
+        for (j, d) in dests.iter().enumerate() {
+            let host = d
+                .pointer("/destination/host")
+                .and_then(Value::as_str)
+                .ok_or_else(|| format!("{field}.route[{j}].destination.host is required"))?;
+            let weight = d.get("weight").and_then(Value::as_i64).unwrap_or(0);
+            if !(0..=100).contains(&weight) {
+                return Err(format!(
+                    "{field}.route[{j}].weight {weight} is not within 0..100"
+                ));
+            }
+            out.push(Destination {
+                host: fqdn(host, ns, domain),
+                subset: d
+                    .pointer("/destination/subset")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
+                port: d
+                    .pointer("/destination/port/number")
+                    .and_then(Value::as_u64)
+                    .and_then(|p| u16::try_from(p).ok()),
+                weight: weight as u32,
+            });
+        }
+        let total: u32 = out.iter().map(|d| d.weight).sum();
+        if out.len() == 1 {
+            out[0].weight = 100;
+        } else if total == 0 {
+            // No weights at all: an even split.
+            let n = out.len() as u32;
+            for d in out.iter_mut() {
+                d.weight = 100 / n;
+            }
+        } else if total != 100 {
+            return Err(format!("{field}.route: weights add up to {total}, not 100"));
+        }
+        Action::Route(out)
+    };
+    let rewrite = r.get("rewrite");
+    Ok(HttpRoute {
+        origin: format!("{vs} {name}"),
+        matches,
+        action,
+        rewrite_uri: rewrite
+            .and_then(|w| w.get("uri"))
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        rewrite_authority: rewrite
+            .and_then(|w| w.get("authority"))
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        request_headers: header_ops(r.pointer("/headers/request")),
+        response_headers: header_ops(r.pointer("/headers/response")),
+        unsupported: UNSUPPORTED_HTTP
+            .iter()
+            .filter(|k| r.get(**k).is_some())
+            .map(|k| (*k).to_owned())
+            .collect(),
+    })
+}
+
+impl RouteTable {
+    /// Compile the Istio resources of a snapshot. Gateway-bound VirtualServices (without `mesh`)
+    /// are ignored by sidecars; VirtualServices are taken in the order given.
+    pub fn compile(resources: &[Value], domain: &str) -> RouteTable {
+        let mut t = RouteTable::default();
+        let mut seen: HashMap<String, String> = HashMap::new();
+        for r in resources {
+            let kind = r["kind"].as_str().unwrap_or_default();
+            let ns = r["metadata"]["namespace"].as_str().unwrap_or("default");
+            let name = r["metadata"]["name"].as_str().unwrap_or("?");
+            let id = format!("{kind} {ns}/{name}");
+            let spec = &r["spec"];
+            match kind {
+                "VirtualService" => {
+                    if seen
+                        .insert(format!("{kind}/{ns}/{name}"), id.clone())
+                        .is_some()
+                    {
+                        t.diagnostics.push(format!("{id}: duplicate name, ignored"));
+                        continue;
+                    }
+                    let gateways: Vec<&str> = spec["gateways"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(Value::as_str).collect())
+                        .unwrap_or_default();
+                    if !gateways.is_empty() && !gateways.contains(&"mesh") {
+                        continue;
+                    }
+                    let hosts: Vec<String> = spec["hosts"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(Value::as_str)
+                                .map(|h| fqdn(h, ns, domain))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    if hosts.is_empty() {
+                        t.diagnostics
+                            .push(format!("{id}: spec.hosts is empty, ignored"));
+                        continue;
+                    }
+                    let mut routes = Vec::new();
+                    let mut ok = true;
+                    for (i, h) in spec["http"].as_array().into_iter().flatten().enumerate() {
+                        match compile_http(&format!("{ns}/{name}"), ns, i, h, domain) {
+                            Ok(route) => {
+                                if !route.unsupported.is_empty() {
+                                    t.diagnostics.push(format!(
+                                        "{id} {}: {} accepted but not implemented yet (ignored)",
+                                        route.origin,
+                                        route.unsupported.join(", ")
+                                    ));
+                                }
+                                routes.push(Arc::new(route));
+                            }
+                            Err(e) => {
+                                t.diagnostics.push(format!("{id} rejected: {e}"));
+                                ok = false;
+                                break;
+                            }
+                        }
+                    }
+                    if !ok {
+                        continue;
+                    }
+                    for kind in ["tcp", "tls"] {
+                        if spec.get(kind).is_some() {
+                            t.diagnostics.push(format!(
+                                "{id}: spec.{kind} routes are not implemented yet (ignored)"
+                            ));
+                        }
+                    }
+                    for h in hosts {
+                        if h.starts_with('*') {
+                            t.wildcard
+                                .extend(routes.iter().map(|r| (h.clone(), r.clone())));
+                        } else {
+                            t.http.entry(h).or_default().extend(routes.iter().cloned());
+                        }
+                    }
+                }
+                "DestinationRule" => {
+                    let Some(host) = spec["host"].as_str() else {
+                        t.diagnostics
+                            .push(format!("{id} rejected: spec.host is required"));
+                        continue;
+                    };
+                    let host = fqdn(host, ns, domain);
+                    let compiled = (|| -> Result<Rule, String> {
+                        let lb0 = lb(&spec["trafficPolicy"])
+                            .map_err(|e| format!("trafficPolicy.{e}"))?
+                            .unwrap_or(LoadBalancer::RoundRobin);
+                        let mut subsets = BTreeMap::new();
+                        for (i, s) in spec["subsets"].as_array().into_iter().flatten().enumerate() {
+                            let sname = s["name"]
+                                .as_str()
+                                .ok_or_else(|| format!("subsets[{i}].name is required"))?;
+                            let labels: BTreeMap<String, String> = s["labels"]
+                                .as_object()
+                                .map(|o| {
+                                    o.iter()
+                                        .map(|(k, v)| {
+                                            (k.clone(), v.as_str().unwrap_or_default().to_owned())
+                                        })
+                                        .collect()
+                                })
+                                .unwrap_or_default();
+                            let sub_lb = lb(&s["trafficPolicy"])
+                                .map_err(|e| format!("subsets[{i}].trafficPolicy.{e}"))?;
+                            if subsets.insert(sname.to_owned(), (labels, sub_lb)).is_some() {
+                                return Err(format!("subsets[{i}].name {sname:?} is duplicated"));
+                            }
+                        }
+                        Ok(Rule {
+                            origin: id.clone(),
+                            lb: lb0,
+                            subsets,
+                        })
+                    })();
+                    match compiled {
+                        Ok(rule) => {
+                            if t.rules.insert(host.clone(), Arc::new(rule)).is_some() {
+                                t.diagnostics.push(format!("{id}: another DestinationRule for {host} was replaced (the last one wins)"));
+                            }
+                        }
+                        Err(e) => t.diagnostics.push(format!("{id} rejected: {e}")),
+                    }
+                }
+                _ => {}
+            }
+        }
+        // A route to a subset no DestinationRule defines: kept (Istio answers 503), but explained.
+        for routes in t.http.values() {
+            for r in routes {
+                if let Action::Route(ds) = &r.action {
+                    for d in ds {
+                        if let Some(s) = &d.subset
+                            && !t
+                                .rules
+                                .get(&d.host)
+                                .is_some_and(|rule| rule.subsets.contains_key(s))
+                        {
+                            t.diagnostics.push(format!("{}: subset {s:?} of {} is not defined by any DestinationRule (requests to it get 503)", r.origin, d.host));
+                        }
+                    }
+                }
+            }
+        }
+        t.diagnostics.sort();
+        t.diagnostics.dedup();
+        t
+    }
+
+    /// The HTTP routes for a host, in evaluation order.
+    pub fn routes(&self, host: &str) -> Vec<Arc<HttpRoute>> {
+        if let Some(r) = self.http.get(host) {
+            return r.clone();
+        }
+        let mut best: Option<&str> = None;
+        for (pattern, _) in &self.wildcard {
+            let suffix = pattern.trim_start_matches('*');
+            if (pattern == "*" || host.ends_with(suffix))
+                && best.is_none_or(|b| pattern.len() > b.len())
+            {
+                best = Some(pattern);
+            }
+        }
+        best.map(|b| {
+            self.wildcard
+                .iter()
+                .filter(|(p, _)| p == b)
+                .map(|(_, r)| r.clone())
+                .collect()
+        })
+        .unwrap_or_default()
+    }
+
+    /// The first matching route (Istio: first match wins).
+    pub fn find(&self, host: &str, req: &RequestView<'_>) -> Option<(Arc<HttpRoute>, String)> {
+        let routes = self.http.get(host);
+        match routes {
+            Some(rs) => rs
+                .iter()
+                .find_map(|r| r.matches(req).map(|m| (r.clone(), m))),
+            None => self
+                .routes(host)
+                .into_iter()
+                .find_map(|r| r.matches(req).map(|m| (r, m))),
+        }
+    }
+
+    pub fn rule(&self, host: &str) -> Option<Arc<Rule>> {
+        self.rules.get(host).cloned()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.http.is_empty() && self.wildcard.is_empty() && self.rules.is_empty()
+    }
+}
+
+/// Pick a destination by weight with a number in 0..100.
+pub fn pick_weighted(dests: &[Destination], roll: u32) -> Option<&Destination> {
+    let mut acc = 0;
+    for d in dests {
+        acc += d.weight;
+        if roll < acc {
+            return Some(d);
+        }
+    }
+    dests.last()
+}
+
+#[cfg(test)]
+mod tests;

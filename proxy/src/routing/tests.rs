@@ -1,0 +1,368 @@
+use std::collections::BTreeMap;
+
+use super::*;
+
+fn docs(yaml: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|d| serde::Deserialize::deserialize(d).expect("doc"))
+        .filter(|v: &Value| !v.is_null())
+        .collect()
+}
+
+struct Req<'a> {
+    method: &'a str,
+    path: &'a str,
+    headers: Vec<(&'a str, &'a str)>,
+    port: u16,
+}
+
+fn req(path: &str) -> Req<'_> {
+    Req {
+        method: "GET",
+        path,
+        headers: vec![],
+        port: 9080,
+    }
+}
+
+/// The origin of the route a request matches, and its destinations.
+fn route_for(t: &RouteTable, host: &str, r: &Req<'_>) -> Option<(String, Action)> {
+    let labels = BTreeMap::new();
+    let (path, query) = r
+        .path
+        .split_once('?')
+        .map(|(p, q)| (p, Some(q)))
+        .unwrap_or((r.path, None));
+    let lookup = |k: &str| {
+        r.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(k))
+            .map(|(_, v)| *v)
+    };
+    let view = RequestView {
+        method: r.method,
+        scheme: "http",
+        path,
+        query,
+        authority: "reviews:9080",
+        port: r.port,
+        headers: &lookup,
+        source_labels: &labels,
+        source_namespace: "default",
+    };
+    t.find(host, &view)
+        .map(|(route, _)| (route.origin.clone(), route.action.clone()))
+}
+
+const BOOKINFO: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+  - name: jason
+    match: [{headers: {end-user: {exact: jason}}}]
+    route: [{destination: {host: reviews, subset: v2}}]
+  - name: api
+    match: [{uri: {regex: "/api/v[0-9]+"}}, {uri: {prefix: /V3/}, ignoreUriCase: true}]
+    route: [{destination: {host: reviews, subset: v3}}]
+  - name: split
+    route:
+    - {destination: {host: reviews, subset: v1}, weight: 90}
+    - {destination: {host: reviews, subset: v2}, weight: 10}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {name: reviews, namespace: default}
+spec:
+  host: reviews.default.svc.cluster.local
+  trafficPolicy: {loadBalancer: {simple: RANDOM}}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}, trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: X-User}}}}
+  - {name: v3, labels: {version: v3}}
+"#;
+
+const HOST: &str = "reviews.default.svc.cluster.local";
+
+#[test]
+fn first_match_wins_in_order() {
+    let t = RouteTable::compile(&docs(BOOKINFO), "cluster.local");
+    assert!(t.diagnostics.is_empty(), "{:?}", t.diagnostics);
+    let cases: &[(Req<'_>, &str)] = &[
+        (
+            Req {
+                headers: vec![("end-user", "jason")],
+                ..req("/productpage")
+            },
+            "default/reviews jason",
+        ),
+        // Header names are case-insensitive, values are not.
+        (
+            Req {
+                headers: vec![("End-User", "jason")],
+                ..req("/")
+            },
+            "default/reviews jason",
+        ),
+        (
+            Req {
+                headers: vec![("end-user", "Jason")],
+                ..req("/")
+            },
+            "default/reviews split",
+        ),
+        // The first rule wins even when a later one matches too.
+        (
+            Req {
+                headers: vec![("end-user", "jason")],
+                ..req("/api/v1")
+            },
+            "default/reviews jason",
+        ),
+        (req("/api/v12"), "default/reviews api"),
+        // Regex is a full match: a longer path does not match "/api/v[0-9]+".
+        (req("/api/v1/ratings"), "default/reviews split"),
+        (req("/v3/x"), "default/reviews api"),
+        (req("/anything"), "default/reviews split"),
+    ];
+    for (r, want) in cases {
+        let got = route_for(&t, HOST, r).map(|(o, _)| o);
+        assert_eq!(got.as_deref(), Some(*want), "{} {:?}", r.path, r.headers);
+    }
+    assert!(
+        route_for(&t, "ratings.default.svc.cluster.local", &req("/")).is_none(),
+        "no VirtualService for that host"
+    );
+}
+
+#[test]
+fn weights_split_by_the_roll_and_subsets_compile() {
+    let t = RouteTable::compile(&docs(BOOKINFO), "cluster.local");
+    let Some((_, Action::Route(ds))) = route_for(&t, HOST, &req("/")) else {
+        panic!("route")
+    };
+    let subsets: Vec<_> = (0..100)
+        .map(|roll| {
+            pick_weighted(&ds, roll)
+                .and_then(|d| d.subset.clone())
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(subsets.iter().filter(|s| *s == "v1").count(), 90);
+    assert_eq!(subsets.iter().filter(|s| *s == "v2").count(), 10);
+    let rule = t.rule(HOST).expect("destination rule");
+    assert_eq!(rule.lb, LoadBalancer::Random);
+    assert_eq!(
+        rule.subsets["v2"].1,
+        Some(LoadBalancer::HashHeader("x-user".into())),
+        "subset policy overrides the rule's"
+    );
+    assert_eq!(
+        rule.subsets["v1"].0.get("version").map(String::as_str),
+        Some("v1")
+    );
+}
+
+#[test]
+fn matchers_method_authority_query_without_headers_port_source() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata: {name: m, namespace: shop}
+spec:
+  hosts: [reviews.shop]
+  http:
+  - name: post-only
+    match: [{method: {exact: POST}, uri: {exact: /orders}}]
+    route: [{destination: {host: orders}}]
+  - name: debug-query
+    match: [{queryParams: {debug: {exact: "1"}}}]
+    route: [{destination: {host: debug}}]
+  - name: not-internal
+    match: [{withoutHeaders: {x-internal: {}}, port: 8080}]
+    route: [{destination: {host: public}}]
+  - name: from-ns
+    match: [{sourceNamespace: default}]
+    route: [{destination: {host: fallback}}]
+"#;
+    let t = RouteTable::compile(&docs(yaml), "cluster.local");
+    assert!(t.diagnostics.is_empty(), "{:?}", t.diagnostics);
+    let host = "reviews.shop.svc.cluster.local";
+    let o = |r: Req<'_>| route_for(&t, host, &r).map(|(o, a)| (o, a));
+    let (origin, Action::Route(ds)) = o(Req {
+        method: "POST",
+        ..req("/orders")
+    })
+    .expect("post") else {
+        panic!()
+    };
+    assert_eq!(origin, "shop/m post-only");
+    assert_eq!(
+        ds[0].host, "orders.shop.svc.cluster.local",
+        "short destination hosts resolve in the VirtualService's namespace"
+    );
+    assert_eq!(
+        o(req("/orders?debug=1")).map(|x| x.0).as_deref(),
+        Some("shop/m debug-query")
+    );
+    assert_eq!(
+        o(Req {
+            port: 8080,
+            ..req("/")
+        })
+        .map(|x| x.0)
+        .as_deref(),
+        Some("shop/m not-internal")
+    );
+    assert_eq!(
+        o(Req {
+            port: 8080,
+            headers: vec![("x-internal", "yes")],
+            ..req("/")
+        })
+        .map(|x| x.0)
+        .as_deref(),
+        Some("shop/m from-ns")
+    );
+}
+
+#[test]
+fn invalid_resources_are_rejected_one_by_one() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: bad-regex, namespace: default}
+spec: {hosts: [a], http: [{match: [{uri: {regex: "(unclosed"}}], route: [{destination: {host: a}}]}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: bad-weights, namespace: default}
+spec: {hosts: [b], http: [{route: [{destination: {host: b, subset: v1}, weight: 50}, {destination: {host: b, subset: v2}, weight: 20}]}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: good, namespace: default}
+spec: {hosts: [c], http: [{route: [{destination: {host: c, subset: missing}}], timeout: 3s, retries: {attempts: 2}}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: good, namespace: default}
+spec: {hosts: [d], http: [{route: [{destination: {host: d}}]}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: gw-only, namespace: default}
+spec: {hosts: [e], gateways: [ingress], http: [{route: [{destination: {host: e}}]}]}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: dup, namespace: default}
+spec: {host: c, subsets: [{name: v1, labels: {version: v1}}, {name: v1, labels: {version: v2}}]}
+"#;
+    let t = RouteTable::compile(&docs(yaml), "cluster.local");
+    let d = t.diagnostics.join("\n");
+    for want in [
+        "VirtualService default/bad-regex rejected: default/bad-regex http[0].match[0].uri.regex \"(unclosed\"",
+        "VirtualService default/bad-weights rejected: default/bad-weights http[0].route: weights add up to 70, not 100",
+        "timeout, retries accepted but not implemented yet",
+        "subset \"missing\" of c.default.svc.cluster.local is not defined by any DestinationRule",
+        "VirtualService default/good: duplicate name, ignored",
+        "DestinationRule default/dup rejected: subsets[1].name \"v1\" is duplicated",
+    ] {
+        assert!(d.contains(want), "missing diagnostic {want:?} in:\n{d}");
+    }
+    // The valid one still routes; gateway-only routes do not apply to sidecars.
+    assert!(route_for(&t, "c.default.svc.cluster.local", &req("/")).is_some());
+    assert!(route_for(&t, "a.default.svc.cluster.local", &req("/")).is_none());
+    assert!(route_for(&t, "e.default.svc.cluster.local", &req("/")).is_none());
+}
+
+#[test]
+fn hosts_resolve_like_istio() {
+    assert_eq!(
+        fqdn("reviews", "shop", "cluster.local"),
+        "reviews.shop.svc.cluster.local"
+    );
+    assert_eq!(
+        fqdn("reviews.bookinfo", "shop", "cluster.local"),
+        "reviews.bookinfo.svc.cluster.local"
+    );
+    assert_eq!(
+        fqdn("reviews.bookinfo.svc", "shop", "cluster.local"),
+        "reviews.bookinfo.svc.cluster.local"
+    );
+    assert_eq!(
+        fqdn(
+            "reviews.bookinfo.svc.cluster.local",
+            "shop",
+            "cluster.local"
+        ),
+        "reviews.bookinfo.svc.cluster.local"
+    );
+    assert_eq!(
+        fqdn("api.example.com", "shop", "cluster.local"),
+        "api.example.com"
+    );
+    let yaml = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: w, namespace: default}\nspec: {hosts: [\"*.example.com\"], http: [{route: [{destination: {host: api.example.com}}]}]}\n";
+    let t = RouteTable::compile(&docs(yaml), "cluster.local");
+    assert!(
+        route_for(&t, "api.example.com", &req("/")).is_some(),
+        "wildcard host"
+    );
+    assert!(route_for(&t, "example.org", &req("/")).is_none());
+}
+
+#[test]
+fn redirect_and_rewrite_and_headers_compile() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: r, namespace: default}
+spec:
+  hosts: [web]
+  http:
+  - match: [{uri: {prefix: /old}}]
+    redirect: {uri: /new, redirectCode: 302}
+  - match: [{uri: {prefix: /v1/}}]
+    rewrite: {uri: /api/, authority: api.internal}
+    headers: {request: {set: {x-routed: "yes"}, remove: [cookie]}, response: {add: {x-served-by: web}}}
+    route: [{destination: {host: web}}]
+"#;
+    let t = RouteTable::compile(&docs(yaml), "cluster.local");
+    assert!(t.diagnostics.is_empty(), "{:?}", t.diagnostics);
+    let host = "web.default.svc.cluster.local";
+    let Some((_, Action::Redirect { uri, code, .. })) = route_for(&t, host, &req("/old/page"))
+    else {
+        panic!("redirect")
+    };
+    assert_eq!((uri.as_deref(), code), (Some("/new"), 302));
+    let labels = BTreeMap::new();
+    let lookup = |_: &str| None;
+    let view = RequestView {
+        method: "GET",
+        scheme: "http",
+        path: "/v1/items",
+        query: None,
+        authority: "web",
+        port: 80,
+        headers: &lookup,
+        source_labels: &labels,
+        source_namespace: "default",
+    };
+    let (r, _) = t.find(host, &view).expect("route");
+    assert_eq!(
+        (r.rewrite_uri.as_deref(), r.rewrite_authority.as_deref()),
+        (Some("/api/"), Some("api.internal"))
+    );
+    assert_eq!(
+        r.request_headers.set,
+        [("x-routed".to_owned(), "yes".to_owned())]
+    );
+    assert_eq!(r.request_headers.remove, ["cookie"]);
+    assert_eq!(
+        r.response_headers.add,
+        [("x-served-by".to_owned(), "web".to_owned())]
+    );
+}
