@@ -133,6 +133,8 @@ pub struct Snapshot {
     pods: HashMap<IpAddr, Arc<Workload>>,
     /// VirtualServices and DestinationRules as given (routing is the next layer's job).
     pub istio: Vec<Value>,
+    /// The VirtualServices and DestinationRules, compiled.
+    pub routes: crate::routing::RouteTable,
     /// Objects that could not be used, with why (shown in the config dump and logs).
     pub rejected: Vec<String>,
 }
@@ -316,6 +318,9 @@ impl Snapshot {
             }
             snap.services.push(svc);
         }
+        snap.routes = crate::routing::RouteTable::compile(&snap.istio, domain);
+        snap.rejected
+            .extend(snap.routes.diagnostics.iter().cloned());
         snap
     }
 

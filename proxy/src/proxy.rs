@@ -121,6 +121,8 @@ pub struct Proxy {
     pub active: Arc<Active>,
     /// Flips to true when draining: HTTP connections are then closed gracefully.
     pub draining: watch::Receiver<bool>,
+    rr: AtomicUsize,
+    inflight: std::sync::Mutex<std::collections::HashMap<SocketAddr, usize>>,
     h1_out: Client<Connector, Incoming>,
     h2_out: Client<Connector, Incoming>,
     h1_in: Client<Connector, Incoming>,
@@ -179,6 +181,8 @@ impl Proxy {
             orig_dst,
             active: Arc::new(Active::default()),
             draining,
+            rr: AtomicUsize::new(0),
+            inflight: std::sync::Mutex::new(std::collections::HashMap::new()),
             h1_out: client(false, false),
             h2_out: client(false, true),
             h1_in: client(true, false),
@@ -472,6 +476,105 @@ impl Proxy {
                 None => snap.target(c.orig),
             },
         };
+        // Istio routing: a VirtualService for the destination host picks the rule and the
+        // destination; a DestinationRule its subset and load balancing.
+        let mut subset: Option<String> = None;
+        let mut applied: Option<Arc<crate::routing::HttpRoute>> = None;
+        let mut rerouted: Option<Target> = None;
+        if let (Direction::Outbound, Target::Service { service, port }) = (c.dir, &target) {
+            let host = service.hostname(&self.cfg.cluster_domain);
+            let me = self
+                .cfg
+                .instance_ips
+                .first()
+                .and_then(|ip| snap.workload(*ip));
+            let no_labels = std::collections::BTreeMap::new();
+            let found = {
+                let hdrs = req.headers();
+                let lookup = |k: &str| hdrs.get(k).and_then(|v| v.to_str().ok());
+                let view = crate::routing::RequestView {
+                    method: req.method().as_str(),
+                    scheme: "http",
+                    path: req.uri().path(),
+                    query: req.uri().query(),
+                    authority: authority.as_deref().unwrap_or(""),
+                    port: *port,
+                    headers: &lookup,
+                    source_labels: me.as_ref().map(|w| &w.labels).unwrap_or(&no_labels),
+                    source_namespace: &self.cfg.pod_namespace,
+                };
+                snap.routes.find(&host, &view)
+            };
+            if let Some((route, _)) = found {
+                match &route.action {
+                    crate::routing::Action::Redirect {
+                        uri,
+                        authority: to_authority,
+                        code,
+                        scheme,
+                    } => {
+                        let location = format!(
+                            "{}://{}{}",
+                            scheme.as_deref().unwrap_or("http"),
+                            to_authority
+                                .clone()
+                                .or_else(|| authority.clone())
+                                .unwrap_or_default(),
+                            uri.clone().unwrap_or_else(|| req.uri().path().to_owned())
+                        );
+                        let mut r = full(
+                            StatusCode::from_u16(*code).unwrap_or(StatusCode::MOVED_PERMANENTLY),
+                            "redirect",
+                        );
+                        if let Ok(v) = hyper::header::HeaderValue::from_str(&location) {
+                            r.headers_mut().insert(hyper::header::LOCATION, v);
+                        }
+                        let labels = self.labels(&c, &snap, &target, "http");
+                        return self.finish(labels, started, r, &c, &req_line(&req), None);
+                    }
+                    crate::routing::Action::Route(ds) => {
+                        let d = crate::routing::pick_weighted(ds, roll() % 100).cloned();
+                        match d.as_ref().and_then(|d| {
+                            snap.service_by_host(&d.host, &self.cfg.pod_namespace)
+                                .map(|s| (d, s))
+                        }) {
+                            Some((d, svc)) => {
+                                let p = d
+                                    .port
+                                    .filter(|p| svc.port(*p).is_some())
+                                    .or_else(|| svc.port(*port).map(|p| p.port))
+                                    .or_else(|| svc.ports.first().map(|p| p.port))
+                                    .unwrap_or(*port);
+                                subset = d.subset.clone();
+                                rerouted = Some(Target::Service {
+                                    service: svc,
+                                    port: p,
+                                });
+                            }
+                            None => {
+                                let mut labels = self.labels(&c, &snap, &target, "http");
+                                labels.response_flags = "NR".into();
+                                let why = format!(
+                                    "no healthy upstream: route {} points at {}, which is not a known service",
+                                    route.origin,
+                                    d.map(|d| d.host).unwrap_or_default()
+                                );
+                                return self.finish(
+                                    labels,
+                                    started,
+                                    full(StatusCode::SERVICE_UNAVAILABLE, &why),
+                                    &c,
+                                    &req_line(&req),
+                                    None,
+                                );
+                            }
+                        }
+                    }
+                }
+                applied = Some(route);
+            }
+        }
+        let target = rerouted.unwrap_or(target);
         let h2_down = req.version() == hyper::Version::HTTP_2;
         let protocol = match (&target, h2_down) {
             (Target::Service { service, port }, _)
@@ -491,9 +594,12 @@ impl Proxy {
             _ => "http",
         };
         let mut labels = self.labels(&c, &snap, &target, protocol);
-        let endpoint = match c.dir {
-            Direction::Inbound => Ok(c.orig),
-            Direction::Outbound => self.tcp_upstream(&c, &target),
+        let endpoint = match (c.dir, &target) {
+            (Direction::Inbound, _) => Ok(c.orig),
+            (Direction::Outbound, Target::Service { service, port }) => {
+                self.pick_http_endpoint(&c, &snap, service, *port, subset.as_deref(), &req)
+            }
+            (Direction::Outbound, _) => self.tcp_upstream(&c, &target),
         };
         let endpoint = match endpoint {
             Ok(e) => e,
@@ -534,6 +640,25 @@ impl Proxy {
             .path_and_query()
             .map(|p| p.as_str().to_owned())
             .unwrap_or_else(|| "/".into());
+        // rewrite.uri / rewrite.authority and request header edits of the matched route.
+        let pq = match applied
+            .as_ref()
+            .and_then(|r| r.rewrite_path(req.uri().path()))
+        {
+            Some(path) => match req.uri().query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path,
+            },
+            None => pq,
+        };
+        if let Some(route) = &applied {
+            if let Some(a) = &route.rewrite_authority
+                && let Ok(v) = hyper::header::HeaderValue::from_str(a)
+            {
+                req.headers_mut().insert(hyper::header::HOST, v);
+            }
+            edit_headers(req.headers_mut(), &route.request_headers);
+        }
         let uri: Uri = match format!("http://{endpoint}{pq}").parse() {
             Ok(u) => u,
             Err(_) => {
@@ -575,6 +700,7 @@ impl Proxy {
             (Direction::Inbound, false) => &self.h1_in,
             (Direction::Inbound, true) => &self.h2_in,
         };
+        let _inflight = Inflight::enter(&self.inflight, endpoint);
         let resp = match client.request(req).await {
             Ok(r) => r.map(|b| b.boxed()),
             Err(e) => {
@@ -606,7 +732,111 @@ impl Proxy {
                 full(status, msg)
             }
         };
+        let mut resp = resp;
+        if let Some(route) = &applied {
+            edit_headers(resp.headers_mut(), &route.response_headers);
+        }
         self.finish(labels, started, resp, &c, &line, req_len)
+    }
+
+    /// The endpoint of a service port for one request: the subset's endpoints (by pod labels),
+    /// then the DestinationRule's load balancer (the subset's own, if it sets one).
+    fn pick_http_endpoint(
+        &self,
+        c: &Conn,
+        snap: &Snapshot,
+        service: &crate::discovery::Service,
+        port: u16,
+        subset: Option<&str>,
+        req: &Request<Incoming>,
+    ) -> Result<SocketAddr, &'static str> {
+        use crate::routing::LoadBalancer;
+        let rule = snap
+            .routes
+            .rule(&service.hostname(&self.cfg.cluster_domain));
+        let (labels, lb) = match subset {
+            Some(s) => match rule.as_ref().and_then(|r| {
+                r.subsets
+                    .get(s)
+                    .map(|(l, sub)| (l.clone(), sub.clone().unwrap_or_else(|| r.lb.clone())))
+            }) {
+                Some((l, lb)) => (Some(l), lb),
+                None => {
+                    return Err("no healthy upstream (subset not defined by a DestinationRule)");
+                }
+            },
+            None => (
+                None,
+                rule.as_ref()
+                    .map(|r| r.lb.clone())
+                    .unwrap_or(LoadBalancer::RoundRobin),
+            ),
+        };
+        let eps: Vec<&crate::discovery::Endpoint> = service
+            .endpoints
+            .get(&port)
+            .into_iter()
+            .flatten()
+            .filter(|e| {
+                labels
+                    .as_ref()
+                    .is_none_or(|l| l.iter().all(|(k, v)| e.labels.get(k) == Some(v)))
+            })
+            .collect();
+        if eps.is_empty() && lb != LoadBalancer::Passthrough {
+            return Err("no healthy endpoint");
+        }
+        let hash = |key: Option<String>| -> usize {
+            use std::hash::{Hash, Hasher};
+            match key {
+                Some(k) => {
+                    let mut h = std::collections::hash_map::DefaultHasher::new();
+                    k.hash(&mut h);
+                    crate::routing::jump_hash(h.finish(), eps.len())
+                }
+                None => roll() as usize % eps.len(),
+            }
+        };
+        let i = match &lb {
+            LoadBalancer::Passthrough => return Ok(c.orig),
+            LoadBalancer::RoundRobin => self.rr.fetch_add(1, Ordering::Relaxed) % eps.len(),
+            LoadBalancer::Random => roll() as usize % eps.len(),
+            LoadBalancer::LeastRequest => {
+                // Power of two choices over the requests in flight through this proxy.
+                let (a, b) = (roll() as usize % eps.len(), roll() as usize % eps.len());
+                let inflight = self
+                    .inflight
+                    .lock()
+                    .map(|m| {
+                        (
+                            m.get(&eps[a].addr).copied().unwrap_or(0),
+                            m.get(&eps[b].addr).copied().unwrap_or(0),
+                        )
+                    })
+                    .unwrap_or((0, 0));
+                if inflight.1 < inflight.0 { b } else { a }
+            }
+            LoadBalancer::HashHeader(name) => hash(
+                req.headers()
+                    .get(name.as_str())
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned),
+            ),
+            LoadBalancer::HashCookie(name) => hash(
+                req.headers()
+                    .get_all(hyper::header::COOKIE)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .flat_map(|v| v.split(';'))
+                    .find_map(|kv| {
+                        kv.trim()
+                            .strip_prefix(&format!("{name}="))
+                            .map(str::to_owned)
+                    }),
+            ),
+            LoadBalancer::HashSourceIp => hash(Some(c.peer.ip().to_string())),
+        };
+        Ok(eps[i].addr)
     }
 
     /// HTTP/1.1 Upgrade (websocket): forward the handshake on a fresh connection, then relay bytes.
@@ -686,6 +916,77 @@ impl Proxy {
             );
         }
         resp
+    }
+}
+
+/// Counts a request in flight to an endpoint (LEAST_REQUEST) until dropped.
+struct Inflight<'a> {
+    map: &'a std::sync::Mutex<std::collections::HashMap<SocketAddr, usize>>,
+    addr: SocketAddr,
+}
+
+impl<'a> Inflight<'a> {
+    fn enter(
+        map: &'a std::sync::Mutex<std::collections::HashMap<SocketAddr, usize>>,
+        addr: SocketAddr,
+    ) -> Self {
+        if let Ok(mut m) = map.lock() {
+            *m.entry(addr).or_default() += 1;
+        }
+        Inflight { map, addr }
+    }
+}
+
+impl Drop for Inflight<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.map.lock()
+            && let Some(n) = m.get_mut(&self.addr)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.addr);
+            }
+        }
+    }
+}
+
+/// A fast per-thread random number (weights, RANDOM load balancing).
+fn roll() -> u32 {
+    use std::cell::Cell;
+    thread_local!(static STATE: Cell<u64> = Cell::new({
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
+        t ^ (&t as *const u64 as u64) | 1
+    }));
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        (x >> 32) as u32
+    })
+}
+
+/// `headers.request|response`: remove, then set, then add.
+fn edit_headers(h: &mut hyper::HeaderMap, ops: &crate::routing::HeaderOps) {
+    for k in &ops.remove {
+        h.remove(k.as_str());
+    }
+    let parse = |k: &str, v: &str| {
+        Some((
+            hyper::header::HeaderName::from_bytes(k.as_bytes()).ok()?,
+            hyper::header::HeaderValue::from_str(v).ok()?,
+        ))
+    };
+    for (k, v) in &ops.set {
+        if let Some((k, v)) = parse(k, v) {
+            h.insert(k, v);
+        }
+    }
+    for (k, v) in &ops.add {
+        if let Some((k, v)) = parse(k, v) {
+            h.append(k, v);
+        }
     }
 }
 

@@ -693,6 +693,34 @@ impl RouteTable {
     }
 }
 
+impl HttpRoute {
+    /// Istio's `rewrite.uri`: when the rule matched on a URI prefix, that prefix is replaced;
+    /// otherwise the whole path is.
+    pub fn rewrite_path(&self, path: &str) -> Option<String> {
+        let to = self.rewrite_uri.as_deref()?;
+        for m in &self.matches {
+            if let Some(StringMatch::Prefix(p)) = &m.uri
+                && path.starts_with(p.as_str())
+            {
+                return Some(format!("{to}{}", &path[p.len()..]));
+            }
+        }
+        Some(to.to_owned())
+    }
+}
+
+/// Jump consistent hash (Lamping & Veach): a key's bucket among `n` moves only when needed.
+pub fn jump_hash(mut key: u64, n: usize) -> usize {
+    let (mut b, mut j): (i64, i64) = (-1, 0);
+    while j < n as i64 {
+        b = j;
+        key = key.wrapping_mul(2862933555777941757).wrapping_add(1);
+        j = ((b.wrapping_add(1) as f64)
+            * ((1u64 << 31) as f64 / ((key >> 33).wrapping_add(1) as f64))) as i64;
+    }
+    b.max(0) as usize
+}
+
 /// Pick a destination by weight with a number in 0..100.
 pub fn pick_weighted(dests: &[Destination], roll: u32) -> Option<&Destination> {
     let mut acc = 0;

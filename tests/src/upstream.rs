@@ -124,7 +124,13 @@ pub async fn serve_http(listener: TcpListener, name: String) {
 
 /// Start an HTTP upstream on 127.0.0.1:0; returns its address.
 pub async fn http(name: &str) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    http_on("127.0.0.1", name).await
+}
+
+/// Start an HTTP upstream on another loopback address (127.0.0.2, ...), so several "pods" can be
+/// told apart by IP in one test.
+pub async fn http_on(ip: &str, name: &str) -> SocketAddr {
+    let l = TcpListener::bind(format!("{ip}:0")).await.expect("bind");
     let a = l.local_addr().expect("addr");
     tokio::spawn(serve_http(l, name.to_owned()));
     a

@@ -190,7 +190,7 @@ spec:
     let t = RouteTable::compile(&docs(yaml), "cluster.local");
     assert!(t.diagnostics.is_empty(), "{:?}", t.diagnostics);
     let host = "reviews.shop.svc.cluster.local";
-    let o = |r: Req<'_>| route_for(&t, host, &r).map(|(o, a)| (o, a));
+    let o = |r: Req<'_>| route_for(&t, host, &r);
     let (origin, Action::Route(ds)) = o(Req {
         method: "POST",
         ..req("/orders")
