@@ -340,6 +340,18 @@ impl Admin {
             }
             (Port::Admin, &Method::GET, "/clusters") => json_resp(&self.config_dump()["clusters"]),
             (Port::Admin, &Method::GET, "/routes") => json_resp(&self.config_dump()["istio"]),
+            (Port::Admin, &Method::GET, "/explain") => {
+                let q = crate::explain::Query::parse(
+                    req.uri().query().unwrap_or(""),
+                    &self.cfg.pod_namespace,
+                );
+                let snap = self.snapshot.borrow().clone();
+                json_resp(&crate::explain::explain(
+                    &snap,
+                    &q,
+                    &self.cfg.cluster_domain,
+                ))
+            }
             (Port::Admin, &Method::GET, "/lookup") => {
                 // /lookup?addr=IP:PORT: what the outbound listener would do with that destination.
                 let q = req.uri().query().unwrap_or("");

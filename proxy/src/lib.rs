@@ -15,6 +15,7 @@ pub mod app;
 pub mod config;
 pub mod detect;
 pub mod discovery;
+pub mod explain;
 pub mod k8s;
 pub mod metrics;
 pub mod proxy;

@@ -196,6 +196,52 @@ fn config_cmd(rest: &[String]) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `explain --host H [--port P] [--path /x] [--method M] [--header k=v]... [--admin ADDR]`
+fn explain_cmd(rest: &[String]) -> ExitCode {
+    let Some(host) = flag(rest, "host") else {
+        eprintln!(
+            "usage: explain --host HOST [--port PORT] [--path /x] [--method GET] [--header k=v]... [--admin 127.0.0.1:15000]"
+        );
+        return ExitCode::from(2);
+    };
+    let enc = |s: &str| s.replace(' ', "%20");
+    let mut q = format!("host={}", enc(host));
+    for (name, key) in [("port", "port"), ("path", "path"), ("method", "method")] {
+        if let Some(v) = flag(rest, name) {
+            q.push_str(&format!("&{key}={}", enc(v)));
+        }
+    }
+    for (i, a) in rest.iter().enumerate() {
+        let h = a.strip_prefix("--header=").map(str::to_owned).or_else(|| {
+            (a == "--header")
+                .then(|| rest.get(i + 1).cloned())
+                .flatten()
+        });
+        if let Some(h) = h {
+            let (k, v) = h
+                .split_once('=')
+                .or_else(|| h.split_once(':'))
+                .unwrap_or((h.as_str(), ""));
+            q.push_str(&format!("&header={}:{}", enc(k), enc(v)));
+        }
+    }
+    let admin = flag(rest, "admin").unwrap_or("127.0.0.1:15000");
+    match http(admin, "GET", &format!("/explain?{q}")) {
+        Ok((200, body)) => {
+            println!("{body}");
+            ExitCode::SUCCESS
+        }
+        Ok((code, body)) => {
+            eprintln!("admin endpoint answered {code}: {body}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("reading the admin endpoint at {admin}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let mut argv: Vec<String> = std::env::args().collect();
     // Istio's image runs `pilot-agent request ...` / `pilot-agent wait` from lifecycle hooks; our
@@ -212,6 +258,7 @@ fn main() -> ExitCode {
         Some("request") => return request(&argv[2..]),
         Some("wait") => return wait(&argv[2..]),
         Some("config") => return config_cmd(&argv[2..]),
+        Some("explain") => return explain_cmd(&argv[2..]),
         _ => {}
     }
     let args = Args::parse_from(argv);

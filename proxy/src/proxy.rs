@@ -505,6 +505,20 @@ impl Proxy {
                 };
                 snap.routes.find(&host, &view)
             };
+            if found.is_none() && !snap.routes.routes(&host).is_empty() {
+                // A VirtualService owns this host and no rule matched: Istio answers 404 (NR).
+                let mut labels = self.labels(&c, &snap, &target, "http");
+                labels.response_flags = "NR".into();
+                let why = format!("no route: no rule of the VirtualService for {host} matched");
+                return self.finish(
+                    labels,
+                    started,
+                    full(StatusCode::NOT_FOUND, &why),
+                    &c,
+                    &req_line(&req),
+                    None,
+                );
+            }
             if let Some((route, _)) = found {
                 match &route.action {
                     crate::routing::Action::Redirect {

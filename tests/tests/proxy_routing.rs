@@ -330,3 +330,81 @@ async fn unknown_subset_is_503_and_explained() {
     assert!(body.contains("no healthy upstream"), "{body}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_decision_is_explained_and_unmatched_is_404() {
+    let vs = r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+  - name: jason
+    match: [{headers: {end-user: {exact: jason}}}]
+    route: [{destination: {host: reviews, subset: v2}}]
+  - name: api
+    match: [{uri: {prefix: /api}}]
+    route:
+    - {destination: {host: reviews, subset: v1}, weight: 75}
+    - {destination: {host: reviews, subset: v2}, weight: 25}"#;
+    let (p, out, [v1, v2, _]) = start(vs, "explain").await;
+    let admin = p.running.addrs.admin;
+    let explain = |q: &'static str| async move {
+        let (code, body) = ferry_tests::http_get(admin, &format!("/explain?{q}"), "x")
+            .await
+            .expect("explain");
+        assert_eq!(code, 200);
+        serde_json::from_str::<serde_json::Value>(&body).expect("json")
+    };
+    let e = explain("host=reviews&port=9080&path=/&header=end-user:jason").await;
+    assert_eq!(e["matched"]["rule"], "default/reviews jason", "{e}");
+    assert_eq!(e["destinations"][0]["subset"], "v2");
+    assert_eq!(
+        e["destinations"][0]["resolved"]["endpoints"][0],
+        v2.to_string(),
+        "{e}"
+    );
+    assert_eq!(
+        e["destinations"][0]["resolved"]["destinationRule"],
+        "DestinationRule default/reviews"
+    );
+    let e = explain("host=reviews.default&path=/api/x").await;
+    assert_eq!(e["matched"]["rule"], "default/reviews api");
+    assert_eq!(
+        (
+            e["destinations"][0]["weight"].as_u64(),
+            e["destinations"][1]["weight"].as_u64()
+        ),
+        (Some(75), Some(25))
+    );
+    assert_eq!(
+        e["destinations"][0]["resolved"]["endpoints"][0],
+        v1.to_string()
+    );
+    let e = explain("host=reviews&path=/other").await;
+    assert!(
+        e["verdict"]
+            .as_str()
+            .is_some_and(|v| v.contains("no rule matched")),
+        "{e}"
+    );
+    assert_eq!(
+        get(out, "/other", &[]).await.0,
+        404,
+        "a VirtualService that matches nothing: 404, as Istio"
+    );
+    let e = explain("host=ratings&path=/").await;
+    assert!(
+        e["verdict"]
+            .as_str()
+            .is_some_and(|v| v.contains("no VirtualService")),
+        "{e}"
+    );
+    let e = explain("host=nowhere.example").await;
+    assert!(
+        e["verdict"]
+            .as_str()
+            .is_some_and(|v| v.contains("not a known service")),
+        "{e}"
+    );
+}
