@@ -189,7 +189,12 @@ pub async fn start(
                     for w in &watched {
                         objects.extend(w.objects());
                     }
-                    let snap = Snapshot::build(version, &objects, &cfg.cluster_domain);
+                    let snap = Snapshot::build_for(
+                        version,
+                        &objects,
+                        &cfg.cluster_domain,
+                        Some(&cfg.pod_namespace),
+                    );
                     for r in &snap.rejected {
                         warn!(object = %r, "object ignored");
                     }

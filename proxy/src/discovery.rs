@@ -156,6 +156,16 @@ pub enum Target {
 impl Snapshot {
     /// Compile a snapshot from Kubernetes objects (any order, any kinds).
     pub fn build(version: u64, objects: &[Value], domain: &str) -> Snapshot {
+        Self::build_for(version, objects, domain, None)
+    }
+
+    /// [`Snapshot::build`] as a proxy in namespace `viewer` sees it (Istio `exportTo`).
+    pub fn build_for(
+        version: u64,
+        objects: &[Value],
+        domain: &str,
+        viewer: Option<&str>,
+    ) -> Snapshot {
         let mut snap = Snapshot {
             version,
             ..Snapshot::default()
@@ -318,7 +328,7 @@ impl Snapshot {
             }
             snap.services.push(svc);
         }
-        snap.routes = crate::routing::RouteTable::compile(&snap.istio, domain);
+        snap.routes = crate::routing::RouteTable::compile_for(&snap.istio, domain, viewer);
         snap.rejected
             .extend(snap.routes.diagnostics.iter().cloned());
         snap

@@ -317,32 +317,52 @@ impl Proxy {
             let c = Conn { dir, peer, orig };
             // TLS passthrough by SNI: a ClientHello naming a known service goes to that service,
             // whatever address the client dialled.
-            let target = match (dir, detected, &target) {
-                (Direction::Outbound, Detected::Tls, _)
-                | (Direction::Outbound, _, Target::Service { .. })
-                    if declared == Protocol::Tls || detected == Detected::Tls =>
+            let tls = dir == Direction::Outbound && (declared == Protocol::Tls || detected == Detected::Tls);
+            let sni = if tls { detect::peek_sni(&stream, self.cfg.detection_timeout).await } else { None };
+            let target = match sni.as_deref().and_then(|sni| snap.service_by_host(sni, &self.cfg.pod_namespace)) {
+                Some(service) => {
+                    let port = if service.port(orig.port()).is_some() { orig.port() } else { service.ports.first().map(|p| p.port).unwrap_or(orig.port()) };
+                    debug!(service = %service.name, "routed by SNI");
+                    Target::Service { service, port }
+                }
+                None => target,
+            };
+            // Istio tcp[] / tls[] routes of the destination host.
+            let mut subset = None;
+            let mut target = target;
+            if !matches!(detected, Detected::Http1 | Detected::Http2)
+                && let (Direction::Outbound, Target::Service { service, port }) = (dir, &target)
+            {
+                let host = service.hostname(&self.cfg.cluster_domain);
+                let me = self.cfg.instance_ips.first().and_then(|ip| snap.workload(*ip));
+                let no_labels = std::collections::BTreeMap::new();
+                let view = crate::routing::ConnView {
+                    port: *port,
+                    destination: orig.ip(),
+                    sni: sni.as_deref(),
+                    source_labels: me.as_ref().map(|w| &w.labels).unwrap_or(&no_labels),
+                    source_namespace: &self.cfg.pod_namespace,
+                };
+                if let Some(route) = snap.routes.find_l4(&host, &view)
+                    && let Some(d) = crate::routing::pick_weighted(&route.destinations, roll() % 100)
                 {
-                    match detect::peek_sni(&stream, self.cfg.detection_timeout)
-                        .await
-                        .and_then(|sni| snap.service_by_host(&sni, &self.cfg.pod_namespace))
-                    {
-                        Some(service) => {
-                            let port = if service.port(orig.port()).is_some() {
-                                orig.port()
-                            } else {
-                                service.ports.first().map(|p| p.port).unwrap_or(orig.port())
-                            };
-                            debug!(service = %service.name, "routed by SNI");
-                            Target::Service { service, port }
+                    match snap.service_by_host(&d.host, &self.cfg.pod_namespace) {
+                        Some(svc) => {
+                            let p = d.port.filter(|p| svc.port(*p).is_some()).or_else(|| svc.port(*port).map(|p| p.port)).or_else(|| svc.ports.first().map(|p| p.port)).unwrap_or(*port);
+                            debug!(route = %route.origin, dest = %d.host, "tcp route");
+                            subset = d.subset.clone();
+                            target = Target::Service { service: svc, port: p };
                         }
-                        None => target,
+                        None => {
+                            info!(route = %route.origin, dest = %d.host, "tcp route points at an unknown service; closing");
+                            return;
+                        }
                     }
                 }
-                _ => target,
-            };
+            }
             match detected {
                 Detected::Http1 | Detected::Http2 => self.serve_http(c, stream).await,
-                _ => self.relay_tcp(c, stream, snap, target).await,
+                _ => self.relay_tcp(c, stream, snap, target, subset.as_deref()).await,
             }
         }
         .instrument(span)
@@ -367,9 +387,22 @@ impl Proxy {
         }
     }
 
-    async fn relay_tcp(&self, c: Conn, mut down: TcpStream, snap: Arc<Snapshot>, target: Target) {
+    async fn relay_tcp(
+        &self,
+        c: Conn,
+        mut down: TcpStream,
+        snap: Arc<Snapshot>,
+        target: Target,
+        subset: Option<&str>,
+    ) {
         let mut labels = self.labels(&c, &snap, &target, "tcp");
-        let upstream = match self.tcp_upstream(&c, &target) {
+        let picked = match (&c.dir, &target) {
+            (Direction::Outbound, Target::Service { service, port }) => {
+                self.pick_endpoint(&c, &snap, service, *port, subset, &|_: &str| None)
+            }
+            _ => self.tcp_upstream(&c, &target),
+        };
+        let upstream = match picked {
             Ok(a) => a,
             Err(why) => {
                 labels.response_flags = if why.starts_with("no healthy") {
@@ -610,9 +643,22 @@ impl Proxy {
         let mut labels = self.labels(&c, &snap, &target, protocol);
         let endpoint = match (c.dir, &target) {
             (Direction::Inbound, _) => Ok(c.orig),
-            (Direction::Outbound, Target::Service { service, port }) => {
-                self.pick_http_endpoint(&c, &snap, service, *port, subset.as_deref(), &req)
-            }
+            (Direction::Outbound, Target::Service { service, port }) => self.pick_endpoint(
+                &c,
+                &snap,
+                service,
+                *port,
+                subset.as_deref(),
+                &|name: &str| {
+                    let all: Vec<&str> = req
+                        .headers()
+                        .get_all(name)
+                        .iter()
+                        .filter_map(|v| v.to_str().ok())
+                        .collect();
+                    (!all.is_empty()).then(|| all.join("; "))
+                },
+            ),
             (Direction::Outbound, _) => self.tcp_upstream(&c, &target),
         };
         let endpoint = match endpoint {
@@ -755,14 +801,14 @@ impl Proxy {
 
     /// The endpoint of a service port for one request: the subset's endpoints (by pod labels),
     /// then the DestinationRule's load balancer (the subset's own, if it sets one).
-    fn pick_http_endpoint(
+    fn pick_endpoint(
         &self,
         c: &Conn,
         snap: &Snapshot,
         service: &crate::discovery::Service,
         port: u16,
         subset: Option<&str>,
-        req: &Request<Incoming>,
+        header: &dyn Fn(&str) -> Option<String>,
     ) -> Result<SocketAddr, &'static str> {
         use crate::routing::LoadBalancer;
         let rule = snap
@@ -830,24 +876,14 @@ impl Proxy {
                     .unwrap_or((0, 0));
                 if inflight.1 < inflight.0 { b } else { a }
             }
-            LoadBalancer::HashHeader(name) => hash(
-                req.headers()
-                    .get(name.as_str())
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned),
-            ),
-            LoadBalancer::HashCookie(name) => hash(
-                req.headers()
-                    .get_all(hyper::header::COOKIE)
-                    .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .flat_map(|v| v.split(';'))
-                    .find_map(|kv| {
-                        kv.trim()
-                            .strip_prefix(&format!("{name}="))
-                            .map(str::to_owned)
-                    }),
-            ),
+            LoadBalancer::HashHeader(name) => hash(header(name)),
+            LoadBalancer::HashCookie(name) => hash(header("cookie").and_then(|all| {
+                all.split(';').find_map(|kv| {
+                    kv.trim()
+                        .strip_prefix(&format!("{name}="))
+                        .map(str::to_owned)
+                })
+            })),
             LoadBalancer::HashSourceIp => hash(Some(c.peer.ip().to_string())),
         };
         Ok(eps[i].addr)

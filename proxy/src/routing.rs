@@ -198,6 +198,135 @@ impl HttpRoute {
     }
 }
 
+/// One compiled `tcp[]` or `tls[]` entry.
+#[derive(Clone, Debug)]
+pub struct L4Route {
+    pub origin: String,
+    matches: Vec<L4Match>,
+    pub destinations: Vec<Destination>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct L4Match {
+    port: Option<u16>,
+    destination_subnets: Vec<ipnet::IpNet>,
+    source_labels: BTreeMap<String, String>,
+    source_namespace: Option<String>,
+    sni_hosts: Vec<String>,
+}
+
+/// What the L4 matcher sees of a connection.
+pub struct ConnView<'a> {
+    pub port: u16,
+    pub destination: std::net::IpAddr,
+    pub sni: Option<&'a str>,
+    pub source_labels: &'a BTreeMap<String, String>,
+    pub source_namespace: &'a str,
+}
+
+impl L4Route {
+    pub fn matches(&self, c: &ConnView<'_>) -> bool {
+        self.matches.is_empty()
+            || self.matches.iter().any(|m| {
+                m.port.is_none_or(|p| p == c.port)
+                    && (m.destination_subnets.is_empty()
+                        || m.destination_subnets
+                            .iter()
+                            .any(|n| n.contains(&c.destination)))
+                    && m.source_labels
+                        .iter()
+                        .all(|(k, v)| c.source_labels.get(k) == Some(v))
+                    && m.source_namespace
+                        .as_deref()
+                        .is_none_or(|ns| ns == c.source_namespace)
+                    && (m.sni_hosts.is_empty()
+                        || c.sni.is_some_and(|sni| {
+                            m.sni_hosts.iter().any(|h| {
+                                h == sni || (h.starts_with("*.") && sni.ends_with(&h[1..]))
+                            })
+                        }))
+            })
+    }
+}
+
+fn compile_l4(
+    vs: &str,
+    ns: &str,
+    kind: &str,
+    i: usize,
+    r: &Value,
+    domain: &str,
+) -> Result<L4Route, String> {
+    let field = format!("{vs} {kind}[{i}]");
+    let mut matches = Vec::new();
+    for (j, m) in r
+        .get("match")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let subnets = m
+            .get("destinationSubnets")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .map(|s| {
+                s.parse::<ipnet::IpNet>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        format!("{field}.match[{j}].destinationSubnets: {s:?} is not a CIDR")
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        matches.push(L4Match {
+            port: m
+                .get("port")
+                .and_then(Value::as_u64)
+                .and_then(|p| u16::try_from(p).ok()),
+            destination_subnets: subnets,
+            source_labels: m
+                .get("sourceLabels")
+                .and_then(Value::as_object)
+                .map(|o| {
+                    o.iter()
+                        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            source_namespace: m
+                .get("sourceNamespace")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            sni_hosts: m
+                .get("sniHosts")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .map(str::to_ascii_lowercase)
+                .collect(),
+        });
+    }
+    if kind == "tls" && (matches.is_empty() || matches.iter().any(|m| m.sni_hosts.is_empty())) {
+        return Err(format!(
+            "{field}.match: sniHosts is required for tls routes"
+        ));
+    }
+    // The `route` list has HTTP's weight rules: share them.
+    let as_http = serde_json::json!({"name": format!("{kind}[{i}]"), "route": r.get("route").cloned().unwrap_or(Value::Null)});
+    let route = compile_http(vs, ns, i, &as_http, domain)?;
+    let Action::Route(destinations) = route.action else {
+        return Err(format!("{field}: needs route"));
+    };
+    Ok(L4Route {
+        origin: format!("{vs} {kind}[{i}]"),
+        matches,
+        destinations,
+    })
+}
+
 /// Load-balancing policy of a destination (DestinationRule `trafficPolicy.loadBalancer`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LoadBalancer {
@@ -223,6 +352,8 @@ pub struct Rule {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     http: HashMap<String, Vec<Arc<HttpRoute>>>,
+    tcp: HashMap<String, Vec<Arc<L4Route>>>,
+    tls: HashMap<String, Vec<Arc<L4Route>>>,
     wildcard: Vec<(String, Arc<HttpRoute>)>,
     rules: HashMap<String, Arc<Rule>>,
     /// One line per rejected resource or field, naming it.
@@ -496,9 +627,26 @@ impl RouteTable {
     /// Compile the Istio resources of a snapshot. Gateway-bound VirtualServices (without `mesh`)
     /// are ignored by sidecars; VirtualServices are taken in the order given.
     pub fn compile(resources: &[Value], domain: &str) -> RouteTable {
+        Self::compile_for(resources, domain, None)
+    }
+
+    /// Compile what a proxy in `viewer` can see: resources whose `exportTo` excludes that
+    /// namespace (`.` = the resource's own namespace only) are left out.
+    pub fn compile_for(resources: &[Value], domain: &str, viewer: Option<&str>) -> RouteTable {
+        let visible = |r: &Value| {
+            let ns = r["metadata"]["namespace"].as_str().unwrap_or("default");
+            match (viewer, r["spec"]["exportTo"].as_array()) {
+                (Some(v), Some(list)) if !list.is_empty() => list
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .any(|e| e == "*" || e == v || (e == "." && ns == v)),
+                _ => true,
+            }
+        };
+        let resources: Vec<&Value> = resources.iter().filter(|r| visible(r)).collect();
         let mut t = RouteTable::default();
         let mut seen: HashMap<String, String> = HashMap::new();
-        for r in resources {
+        for r in resources.iter().copied() {
             let kind = r["kind"].as_str().unwrap_or_default();
             let ns = r["metadata"]["namespace"].as_str().unwrap_or("default");
             let name = r["metadata"]["name"].as_str().unwrap_or("?");
@@ -558,11 +706,29 @@ impl RouteTable {
                     if !ok {
                         continue;
                     }
+                    let mut l4: Vec<(&str, Arc<L4Route>)> = Vec::new();
                     for kind in ["tcp", "tls"] {
-                        if spec.get(kind).is_some() {
-                            t.diagnostics.push(format!(
-                                "{id}: spec.{kind} routes are not implemented yet (ignored)"
-                            ));
+                        for (i, r) in spec[kind].as_array().into_iter().flatten().enumerate() {
+                            match compile_l4(&format!("{ns}/{name}"), ns, kind, i, r, domain) {
+                                Ok(route) => l4.push((kind, Arc::new(route))),
+                                Err(e) => {
+                                    t.diagnostics.push(format!("{id} rejected: {e}"));
+                                    ok = false;
+                                }
+                            }
+                        }
+                    }
+                    if !ok {
+                        continue;
+                    }
+                    for h in &hosts {
+                        for (kind, r) in &l4 {
+                            let table = if *kind == "tcp" {
+                                &mut t.tcp
+                            } else {
+                                &mut t.tls
+                            };
+                            table.entry(h.clone()).or_default().push(r.clone());
                         }
                     }
                     for h in hosts {
@@ -684,12 +850,29 @@ impl RouteTable {
         }
     }
 
+    /// The first matching `tls[]` route (when the SNI is known) or `tcp[]` route for a host.
+    pub fn find_l4(&self, host: &str, c: &ConnView<'_>) -> Option<Arc<L4Route>> {
+        let tls = c
+            .sni
+            .and_then(|_| self.tls.get(host))
+            .and_then(|rs| rs.iter().find(|r| r.matches(c)).cloned());
+        tls.or_else(|| {
+            self.tcp
+                .get(host)
+                .and_then(|rs| rs.iter().find(|r| r.matches(c)).cloned())
+        })
+    }
+
     pub fn rule(&self, host: &str) -> Option<Arc<Rule>> {
         self.rules.get(host).cloned()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.http.is_empty() && self.wildcard.is_empty() && self.rules.is_empty()
+        self.http.is_empty()
+            && self.wildcard.is_empty()
+            && self.rules.is_empty()
+            && self.tcp.is_empty()
+            && self.tls.is_empty()
     }
 }
 

@@ -366,3 +366,74 @@ spec:
         [("x-served-by".to_owned(), "web".to_owned())]
     );
 }
+
+#[test]
+fn tcp_and_tls_routes_and_export_to() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: db, namespace: data}
+spec:
+  hosts: [db]
+  tcp:
+  - match: [{port: 5432, destinationSubnets: [10.96.0.0/16]}]
+    route: [{destination: {host: db-primary, port: {number: 5432}}}]
+  - route:
+    - {destination: {host: db-replica}, weight: 80}
+    - {destination: {host: db-primary}, weight: 20}
+  tls:
+  - match: [{sniHosts: [db.example.com]}]
+    route: [{destination: {host: db-tls}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: private, namespace: data}
+spec:
+  hosts: [secret]
+  exportTo: ["."]
+  http: [{route: [{destination: {host: secret}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: bad-tls, namespace: data}
+spec: {hosts: [x], tls: [{route: [{destination: {host: x}}]}]}
+"#;
+    let t = RouteTable::compile_for(&docs(yaml), "cluster.local", Some("data"));
+    assert_eq!(t.diagnostics.len(), 1, "{:?}", t.diagnostics);
+    assert!(
+        t.diagnostics[0].contains("bad-tls rejected")
+            && t.diagnostics[0].contains("sniHosts is required")
+    );
+    let labels = BTreeMap::new();
+    let view = |port: u16, ip: &str, sni: Option<&'static str>| ConnView {
+        port,
+        destination: ip.parse().expect("ip"),
+        sni,
+        source_labels: &labels,
+        source_namespace: "data",
+    };
+    let host = "db.data.svc.cluster.local";
+    let r = t
+        .find_l4(host, &view(5432, "10.96.3.3", None))
+        .expect("tcp route");
+    assert_eq!(r.destinations[0].host, "db-primary.data.svc.cluster.local");
+    assert_eq!(r.destinations[0].port, Some(5432));
+    let r = t
+        .find_l4(host, &view(5432, "192.168.1.1", None))
+        .expect("second rule");
+    assert_eq!(
+        r.destinations.iter().map(|d| d.weight).collect::<Vec<_>>(),
+        [80, 20]
+    );
+    let r = t
+        .find_l4(host, &view(443, "10.96.3.3", Some("db.example.com")))
+        .expect("tls route by SNI");
+    assert_eq!(r.destinations[0].host, "db-tls.data.svc.cluster.local");
+    // exportTo ".": visible in its own namespace only.
+    assert!(!t.routes("secret.data.svc.cluster.local").is_empty());
+    let other = RouteTable::compile_for(&docs(yaml), "cluster.local", Some("web"));
+    assert!(
+        other.routes("secret.data.svc.cluster.local").is_empty(),
+        "not exported to web"
+    );
+}
