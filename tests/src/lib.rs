@@ -88,6 +88,19 @@ pub async fn http_get(
     path: &str,
     host: &str,
 ) -> Result<(u16, String), String> {
+    http_get_with(addr, path, host, &[])
+        .await
+        .map(|(status, _, body)| (status, body))
+}
+
+/// One HTTP/1.1 GET with extra request headers on a fresh connection: status, response headers
+/// and body.
+pub async fn http_get_with(
+    addr: std::net::SocketAddr,
+    path: &str,
+    host: &str,
+    headers: &[(&str, &str)],
+) -> Result<(u16, hyper::HeaderMap, String), String> {
     use http_body_util::BodyExt;
     let s = tokio::net::TcpStream::connect(addr)
         .await
@@ -96,17 +109,21 @@ pub async fn http_get(
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
-    let req = hyper::Request::get(path)
-        .header("host", host)
+    let mut req = hyper::Request::get(path).header("host", host);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req
         .body(http_body_util::Full::new(hyper::body::Bytes::new()))
         .map_err(|e| e.to_string())?;
     let resp = tx.send_request(req).await.map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
+    let head = resp.headers().clone();
     let body = resp
         .into_body()
         .collect()
         .await
         .map_err(|e| e.to_string())?
         .to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    Ok((status, head, String::from_utf8_lossy(&body).into_owned()))
 }

@@ -105,11 +105,17 @@ fn start_proxy(ns: &str, pod: &str, ip: &str, dir: &PathBuf) -> Child {
 }
 
 fn mesh() -> Mesh {
+    mesh_with(|_| String::new())
+}
+
+/// A mesh whose config directory also holds `extra(&pair)` as `routing.yaml`.
+fn mesh_with(extra: impl FnOnce(&Pair) -> String) -> Mesh {
     let pair = Pair::new(false);
     let dir = std::env::temp_dir().join(format!("ferry-mesh-{}-{}", std::process::id(), pair.n));
     std::fs::create_dir_all(&dir).expect("dir");
     let vip = format!("10.96.{}.10", pair.n);
     std::fs::write(dir.join("registry.yaml"), registry(&pair, &vip)).expect("write");
+    std::fs::write(dir.join("routing.yaml"), extra(&pair)).expect("write");
     let init = workspace_bin("ferry-init");
     for ns in [&pair.pod, &pair.peer] {
         let mut cmd = vec![init.to_str().expect("utf8")];
@@ -531,4 +537,191 @@ async fn protocols_config_changes_and_drain_through_both_sidecars() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The Bookinfo-style reviews service with two versions, each a "pod" with its own IP inside the
+/// server namespace, plus a DestinationRule and the given VirtualService spec.
+fn reviews(pair: &Pair, vs_http: &str) -> String {
+    let n = pair.n;
+    for host in [3, 4] {
+        let out = pair.exec(
+            &pair.peer,
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("10.{n}.0.{host}/24"),
+                "dev",
+                "eth0",
+            ],
+        );
+        assert!(out.status.success(), "ip addr add: {out:?}");
+    }
+    reviews_yaml(n, vs_http)
+}
+
+fn reviews_yaml(n: u32, vs_http: &str) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: reviews, namespace: default}}
+spec: {{clusterIP: 10.96.{n}.20, ports: [{{name: http, port: 9080, targetPort: 8080}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: reviews-1, namespace: default, labels: {{kubernetes.io/service-name: reviews}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints:
+- {{addresses: ["10.{n}.0.3"], conditions: {{ready: true}}, targetRef: {{kind: Pod, name: reviews-v1, namespace: default}}}}
+- {{addresses: ["10.{n}.0.4"], conditions: {{ready: true}}, targetRef: {{kind: Pod, name: reviews-v2, namespace: default}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: reviews-v1, namespace: default, labels: {{app: reviews, version: v1}}}}
+status: {{podIP: "10.{n}.0.3"}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: reviews-v2, namespace: default, labels: {{app: reviews, version: v2}}}}
+status: {{podIP: "10.{n}.0.4"}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: reviews, namespace: default}}
+spec:
+  host: reviews
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v2, labels: {{version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: reviews, namespace: default}}
+spec:
+  hosts: [reviews]
+  http:
+{vs_http}
+"#
+    )
+}
+
+const REVIEWS_HTTP: &str = r#"  - match: [{headers: {end-user: {exact: jason}}}]
+    route: [{destination: {host: reviews, subset: v2}}]
+  - match: [{uri: {exact: /old}}]
+    redirect: {uri: /new}
+  - match: [{uri: {prefix: /api/}}]
+    rewrite: {uri: /v1/}
+    headers: {response: {set: {x-route: api}}}
+    route: [{destination: {host: reviews, subset: v1}}]
+  - route:
+    - {destination: {host: reviews, subset: v1}, weight: 90}
+    - {destination: {host: reviews, subset: v2}, weight: 10}"#;
+
+/// Which version served a response (the test apps name themselves in the JSON body).
+fn served_by(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["server"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| format!("unparsable body {body:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_routing_through_init_and_both_sidecars() {
+    if !require_root("istio_routing_through_init_and_both_sidecars") {
+        return;
+    }
+    let m = mesh_with(|pair| reviews(pair, REVIEWS_HTTP));
+    let p = &m.pair;
+    let n = p.n;
+    for (host, name) in [(3, "reviews-v1"), (4, "reviews-v2")] {
+        let addr = SocketAddr::from(([10, n as u8, 0, host], 8080));
+        tokio::spawn(upstream::serve_http(
+            tokio::net::TcpListener::from_std(bind_in(&p.peer, addr)).expect("listener"),
+            name.into(),
+        ));
+    }
+    let vip = SocketAddr::from(([10, 96, n as u8, 20], 9080));
+    let pod = p.pod.clone();
+    let failures: Vec<String> = run_in(&pod, move || async move {
+        let mut f = Vec::new();
+        let get = |path: &'static str, headers: &'static [(&'static str, &'static str)]| {
+            ferry_tests::http_get_with(vip, path, "reviews:9080", headers)
+        };
+        for _ in 0..20 {
+            match get("/", &[("end-user", "jason")]).await {
+                Ok((200, _, b)) if served_by(&b) == "reviews-v2" => {}
+                other => f.push(format!("jason -> v2: {other:?}")),
+            }
+        }
+        match get("/old", &[]).await {
+            Ok((301, h, _))
+                if h.get("location")
+                    .is_some_and(|l| l == "http://reviews:9080/new") => {}
+            other => f.push(format!("redirect: {other:?}")),
+        }
+        match get("/api/ratings", &[]).await {
+            Ok((200, h, b))
+                if served_by(&b) == "reviews-v1"
+                    && b.contains("\"path\":\"/v1/ratings\"")
+                    && h.get("x-route").is_some_and(|v| v == "api") => {}
+            other => f.push(format!("prefix + rewrite + response header: {other:?}")),
+        }
+        let (mut v1, mut v2) = (0, 0);
+        for _ in 0..500 {
+            match get("/", &[]).await {
+                Ok((200, _, b)) if served_by(&b) == "reviews-v1" => v1 += 1,
+                Ok((200, _, b)) if served_by(&b) == "reviews-v2" => v2 += 1,
+                other => f.push(format!("split: {other:?}")),
+            }
+        }
+        // 90/10 over 500: v2 expected 50, sd ~6.7; bounds are more than 3.5 sd wide.
+        if v1 + v2 != 500 || !(25..=75).contains(&v2) {
+            f.push(format!("90/10 split gave v1={v1} v2={v2}"));
+        }
+        f
+    });
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // Shift all traffic to v2 by rewriting the VirtualService while requests flow; none may fail.
+    let shifted = REVIEWS_HTTP
+        .replace("subset: v1}, weight: 90", "subset: v1}, weight: 0")
+        .replace("subset: v2}, weight: 10", "subset: v2}, weight: 100");
+    assert_ne!(shifted, REVIEWS_HTTP);
+    let yaml = reviews_yaml(n, &shifted);
+    let dir = m.dir.clone();
+    let writer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        let tmp = dir.join("routing.yaml.tmp");
+        std::fs::write(&tmp, yaml).expect("write");
+        std::fs::rename(&tmp, dir.join("routing.yaml")).expect("rename");
+    });
+    let (failures, tail): (Vec<String>, Vec<String>) = run_in(&pod, move || async move {
+        let mut f = Vec::new();
+        let mut tail = Vec::new();
+        let started = Instant::now();
+        // Until 50 consecutive answers come from v2 (bounded by time).
+        let mut streak = 0;
+        while streak < 50 && started.elapsed() < Duration::from_secs(20) {
+            match ferry_tests::http_get_with(vip, "/", "reviews:9080", &[]).await {
+                Ok((200, _, b)) => {
+                    let who = served_by(&b);
+                    streak = if who == "reviews-v2" { streak + 1 } else { 0 };
+                    tail.push(who);
+                }
+                other => f.push(format!("during weight change: {other:?}")),
+            }
+        }
+        if streak < 50 {
+            f.push(format!("weights never moved to v2 (last streak {streak})"));
+        }
+        (f, tail)
+    });
+    writer.join().expect("writer");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(
+        tail.iter().any(|w| w == "reviews-v1"),
+        "the change happened before any request was measured: {tail:?}"
+    );
 }
