@@ -618,7 +618,7 @@ impl Proxy {
                         }
                     }
                 }
-                applied = Some(route);
+                applied = Some(route.clone());
             }
         }
         let target = rerouted.unwrap_or(target);

@@ -92,12 +92,14 @@ pub struct RequestView<'a> {
 impl Match {
     fn matches(&self, r: &RequestView<'_>) -> bool {
         let sm = |m: &Option<StringMatch>, v: &str| m.as_ref().is_none_or(|m| m.matches(v, false));
-        let host = r
-            .authority
-            .rsplit_once(':')
-            .filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit()))
-            .map(|(h, _)| h)
-            .unwrap_or(r.authority);
+        // The authority without its port, computed only when an authority condition needs it.
+        let host = || {
+            r.authority
+                .rsplit_once(':')
+                .filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit()))
+                .map(|(h, _)| h)
+                .unwrap_or(r.authority)
+        };
         self.uri
             .as_ref()
             .is_none_or(|m| m.matches(r.path, self.ignore_uri_case))
@@ -105,7 +107,7 @@ impl Match {
             && sm(&self.method, r.method)
             && (self.authority.is_none()
                 || sm(&self.authority, r.authority)
-                || sm(&self.authority, host))
+                || sm(&self.authority, host()))
             && self.port.is_none_or(|p| p == r.port)
             && self
                 .headers
@@ -118,7 +120,7 @@ impl Match {
             && self
                 .query_params
                 .iter()
-                .all(|(k, m)| query_param(r.query, k).is_some_and(|v| m.matches(&v, false)))
+                .all(|(k, m)| query_param(r.query, k).is_some_and(|v| m.matches(v, false)))
             && self
                 .source_labels
                 .iter()
@@ -130,10 +132,10 @@ impl Match {
     }
 }
 
-fn query_param(q: Option<&str>, key: &str) -> Option<String> {
+fn query_param<'a>(q: Option<&'a str>, key: &str) -> Option<&'a str> {
     q?.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        (k == key).then(|| v.to_owned())
+        (k == key).then_some(v)
     })
 }
 
@@ -183,16 +185,17 @@ pub struct HttpRoute {
 }
 
 impl HttpRoute {
-    /// `Some(match name or "*")` when the request matches this rule.
-    pub fn matches(&self, r: &RequestView<'_>) -> Option<String> {
+    /// `Some(the match's name)` when the request matches this rule. Borrowed: this runs per
+    /// request and must not allocate.
+    pub fn matches(&self, r: &RequestView<'_>) -> Option<&str> {
         if self.matches.is_empty() {
-            return Some("(no match: catch-all)".into());
+            return Some("(no match: catch-all)");
         }
         self.matches.iter().find(|m| m.matches(r)).map(|m| {
             if m.name.is_empty() {
-                "match".into()
+                "match"
             } else {
-                m.name.clone()
+                m.name.as_str()
             }
         })
     }
@@ -339,6 +342,101 @@ pub enum LoadBalancer {
     HashSourceIp,
 }
 
+/// One host's `http[]` rules in evaluation order, indexed so that a lookup does not scan rules
+/// that cannot match. A rule whose every match has a case-sensitive exact or prefix URI can only
+/// match paths equal to / starting with those, so it is found through `by_path` / `by_prefix`;
+/// every other rule is in `general` and is always evaluated.
+#[derive(Debug, Default)]
+struct HostRoutes {
+    routes: Vec<Arc<HttpRoute>>,
+    by_path: HashMap<String, Vec<usize>>,
+    by_prefix: HashMap<String, Vec<usize>>,
+    /// The distinct lengths of the keys of `by_prefix`, ascending: the only path prefixes a
+    /// lookup needs to try.
+    prefix_lens: Vec<usize>,
+    general: Vec<usize>,
+}
+
+impl HostRoutes {
+    fn index(&mut self) {
+        for (i, r) in self.routes.iter().enumerate() {
+            let keys: Option<Vec<(bool, &str)>> = (!r.matches.is_empty())
+                .then(|| {
+                    r.matches
+                        .iter()
+                        .map(|m| match &m.uri {
+                            _ if m.ignore_uri_case => None,
+                            Some(StringMatch::Exact(p)) => Some((true, p.as_str())),
+                            Some(StringMatch::Prefix(p)) => Some((false, p.as_str())),
+                            _ => None,
+                        })
+                        .collect()
+                })
+                .flatten();
+            let Some(keys) = keys else {
+                self.general.push(i);
+                continue;
+            };
+            for (exact, key) in keys {
+                let map = if exact {
+                    &mut self.by_path
+                } else {
+                    &mut self.by_prefix
+                };
+                let at = map.entry(key.to_owned()).or_default();
+                if at.last() != Some(&i) {
+                    at.push(i);
+                }
+            }
+        }
+        self.prefix_lens = self.by_prefix.keys().map(String::len).collect();
+        self.prefix_lens.sort_unstable();
+        self.prefix_lens.dedup();
+    }
+
+    /// First match wins across the general rules and the rules the path's keys select.
+    fn find(&self, req: &RequestView<'_>) -> Option<(&Arc<HttpRoute>, &str)> {
+        let exact = self.by_path.get(req.path).map_or(&[][..], Vec::as_slice);
+        let gathered: Vec<usize>;
+        let keyed = if self.by_prefix.is_empty() {
+            exact
+        } else {
+            let mut v = exact.to_vec();
+            for &len in &self.prefix_lens {
+                let Some(p) = req.path.get(..len) else {
+                    if len > req.path.len() {
+                        break;
+                    }
+                    continue; // not a char boundary: no key can equal it
+                };
+                if let Some(ix) = self.by_prefix.get(p) {
+                    v.extend_from_slice(ix);
+                }
+            }
+            v.sort_unstable();
+            v.dedup();
+            gathered = v;
+            &gathered
+        };
+        let (mut g, mut k) = (
+            self.general.iter().copied().peekable(),
+            keyed.iter().copied().peekable(),
+        );
+        loop {
+            let i = match (g.peek(), k.peek()) {
+                (Some(&a), Some(&b)) if a < b => g.next(),
+                (_, Some(_)) => k.next(),
+                (Some(_), None) => g.next(),
+                (None, None) => return None,
+            }?;
+            let r = &self.routes[i];
+            if let Some(m) = r.matches(req) {
+                return Some((r, m));
+            }
+        }
+    }
+}
+
 /// A compiled DestinationRule.
 #[derive(Clone, Debug)]
 pub struct Rule {
@@ -351,10 +449,13 @@ pub struct Rule {
 /// Everything compiled from the Istio resources of one snapshot.
 #[derive(Debug, Default)]
 pub struct RouteTable {
-    http: HashMap<String, Vec<Arc<HttpRoute>>>,
+    http: HashMap<String, HostRoutes>,
     tcp: HashMap<String, Vec<Arc<L4Route>>>,
     tls: HashMap<String, Vec<Arc<L4Route>>>,
-    wildcard: Vec<(String, Arc<HttpRoute>)>,
+    /// Wildcard hosts by the suffix after `*` (`*.example.com` → `.example.com`, `*` → ``).
+    wildcard: HashMap<String, HostRoutes>,
+    /// Wildcard suffixes that do not start with a dot, matched by a scan (rare).
+    odd_wildcards: Vec<String>,
     rules: HashMap<String, Arc<Rule>>,
     /// One line per rejected resource or field, naming it.
     pub diagnostics: Vec<String>,
@@ -732,12 +833,11 @@ impl RouteTable {
                         }
                     }
                     for h in hosts {
-                        if h.starts_with('*') {
-                            t.wildcard
-                                .extend(routes.iter().map(|r| (h.clone(), r.clone())));
-                        } else {
-                            t.http.entry(h).or_default().extend(routes.iter().cloned());
-                        }
+                        let entry = match h.strip_prefix('*') {
+                            Some(suffix) => t.wildcard.entry(suffix.to_owned()),
+                            None => t.http.entry(h),
+                        };
+                        entry.or_default().routes.extend(routes.iter().cloned());
                     }
                 }
                 "DestinationRule" => {
@@ -792,7 +892,7 @@ impl RouteTable {
         }
         // A route to a subset no DestinationRule defines: kept (Istio answers 503), but explained.
         for routes in t.http.values() {
-            for r in routes {
+            for r in &routes.routes {
                 if let Action::Route(ds) = &r.action {
                     for d in ds {
                         if let Some(s) = &d.subset
@@ -809,45 +909,50 @@ impl RouteTable {
         }
         t.diagnostics.sort();
         t.diagnostics.dedup();
+        for routes in t.http.values_mut().chain(t.wildcard.values_mut()) {
+            routes.index();
+        }
+        t.odd_wildcards = t
+            .wildcard
+            .keys()
+            .filter(|k| !k.is_empty() && !k.starts_with('.'))
+            .cloned()
+            .collect();
         t
     }
 
     /// The HTTP routes for a host, in evaluation order.
     pub fn routes(&self, host: &str) -> Vec<Arc<HttpRoute>> {
-        if let Some(r) = self.http.get(host) {
-            return r.clone();
-        }
-        let mut best: Option<&str> = None;
-        for (pattern, _) in &self.wildcard {
-            let suffix = pattern.trim_start_matches('*');
-            if (pattern == "*" || host.ends_with(suffix))
-                && best.is_none_or(|b| pattern.len() > b.len())
-            {
-                best = Some(pattern);
-            }
-        }
-        best.map(|b| {
-            self.wildcard
-                .iter()
-                .filter(|(p, _)| p == b)
-                .map(|(_, r)| r.clone())
-                .collect()
-        })
-        .unwrap_or_default()
+        self.host_routes(host)
+            .map(|h| h.routes.clone())
+            .unwrap_or_default()
     }
 
-    /// The first matching route (Istio: first match wins).
-    pub fn find(&self, host: &str, req: &RequestView<'_>) -> Option<(Arc<HttpRoute>, String)> {
-        let routes = self.http.get(host);
-        match routes {
-            Some(rs) => rs
-                .iter()
-                .find_map(|r| r.matches(req).map(|m| (r.clone(), m))),
-            None => self
-                .routes(host)
-                .into_iter()
-                .find_map(|r| r.matches(req).map(|m| (r, m))),
+    /// The routes for a host: its exact entry, else the longest wildcard that covers it.
+    fn host_routes(&self, host: &str) -> Option<&HostRoutes> {
+        if let Some(r) = self.http.get(host) {
+            return Some(r);
         }
+        // `*.a.b` patterns: the leftmost dot gives the longest covering suffix.
+        let mut best = host
+            .match_indices('.')
+            .map(|(i, _)| &host[i..])
+            .find(|suffix| self.wildcard.contains_key(*suffix));
+        for odd in &self.odd_wildcards {
+            if host.ends_with(odd.as_str()) && best.is_none_or(|b| odd.len() > b.len()) {
+                best = Some(odd);
+            }
+        }
+        self.wildcard.get(best.unwrap_or(""))
+    }
+
+    /// The first matching route (Istio: first match wins) and the name of the match that hit.
+    pub fn find<'t>(
+        &'t self,
+        host: &str,
+        req: &RequestView<'_>,
+    ) -> Option<(&'t Arc<HttpRoute>, &'t str)> {
+        self.host_routes(host)?.find(req)
     }
 
     /// The first matching `tls[]` route (when the SNI is known) or `tcp[]` route for a host.

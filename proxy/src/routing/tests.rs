@@ -437,3 +437,120 @@ spec: {hosts: [x], tls: [{route: [{destination: {host: x}}]}]}
         "not exported to web"
     );
 }
+
+/// The exact-URI index must not change which rule wins: rules indexed by path and rules scanned
+/// in order interleave, and first match still wins.
+#[test]
+fn indexed_exact_uris_keep_first_match_wins() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: mix, namespace: default}
+spec:
+  hosts: [mix]
+  http:
+  - name: exact-a
+    match: [{uri: {exact: /a}}, {uri: {exact: /b}}]
+    route: [{destination: {host: one}}]
+  - name: prefix-all
+    match: [{uri: {prefix: /p}}]
+    route: [{destination: {host: two}}]
+  - name: exact-p-shadowed
+    match: [{uri: {exact: /p/x}}]
+    route: [{destination: {host: three}}]
+  - name: exact-with-header
+    match: [{uri: {exact: /h}, headers: {x: {exact: "1"}}}]
+    route: [{destination: {host: four}}]
+  - name: any-case
+    match: [{uri: {exact: /CASE}, ignoreUriCase: true}]
+    route: [{destination: {host: five}}]
+  - name: exact-after-catch-all-candidate
+    match: [{uri: {exact: /h}}]
+    route: [{destination: {host: six}}]
+  - name: prefix-long-or-method
+    match: [{uri: {prefix: /long/path/}}, {uri: {prefix: /m}, method: {exact: POST}}]
+    route: [{destination: {host: seven}}]
+  - name: prefix-any-case
+    match: [{uri: {prefix: /UP}, ignoreUriCase: true}]
+    route: [{destination: {host: eight}}]
+"#;
+    let t = RouteTable::compile(&docs(yaml), "cluster.local");
+    assert!(t.diagnostics.is_empty(), "{:?}", t.diagnostics);
+    let host = "mix.default.svc.cluster.local";
+    let who = |r: &Req<'_>| route_for(&t, host, r).map(|(o, _)| o);
+    let with = |path, h: &'static str| Req {
+        headers: vec![("x", h)],
+        ..req(path)
+    };
+    let cases: &[(Req<'_>, Option<&str>)] = &[
+        (req("/a"), Some("default/mix exact-a")),
+        (req("/b"), Some("default/mix exact-a")),
+        (req("/p/x"), Some("default/mix prefix-all")),
+        (with("/h", "1"), Some("default/mix exact-with-header")),
+        (
+            with("/h", "2"),
+            Some("default/mix exact-after-catch-all-candidate"),
+        ),
+        (req("/case"), Some("default/mix any-case")),
+        (req("/a/"), None),
+        (
+            req("/long/path/x"),
+            Some("default/mix prefix-long-or-method"),
+        ),
+        (req("/long"), None),
+        (req("/mx"), None),
+        (
+            Req {
+                method: "POST",
+                ..req("/mx")
+            },
+            Some("default/mix prefix-long-or-method"),
+        ),
+        (req("/upper"), Some("default/mix prefix-any-case")),
+        (req("/é/long/path/"), None),
+        (req("/c"), None),
+    ];
+    for (r, want) in cases {
+        let path = r.path;
+        assert_eq!(
+            who(r).as_deref(),
+            *want,
+            "{path} with headers {:?}",
+            r.headers
+        );
+    }
+}
+
+#[test]
+fn wildcard_hosts_pick_the_longest_suffix_then_star() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: wide, namespace: default}
+spec: {hosts: ["*.example.com"], http: [{route: [{destination: {host: wide}}]}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: narrow, namespace: default}
+spec: {hosts: ["*.api.example.com"], http: [{route: [{destination: {host: narrow}}]}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: all, namespace: default}
+spec: {hosts: ["*"], http: [{route: [{destination: {host: all}}]}]}
+"#;
+    let t = RouteTable::compile(&docs(yaml), "cluster.local");
+    let who = |host: &str| {
+        route_for(&t, host, &req("/"))
+            .map(|(o, _)| o.split(' ').next().unwrap_or_default().to_owned())
+    };
+    assert_eq!(who("v1.api.example.com").as_deref(), Some("default/narrow"));
+    assert_eq!(
+        who("a.b.api.example.com").as_deref(),
+        Some("default/narrow")
+    );
+    assert_eq!(who("www.example.com").as_deref(), Some("default/wide"));
+    // `*.example.com` does not cover the bare domain; `*` does.
+    assert_eq!(who("example.com").as_deref(), Some("default/all"));
+    assert_eq!(who("reviews").as_deref(), Some("default/all"));
+}
