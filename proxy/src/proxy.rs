@@ -130,6 +130,9 @@ pub struct Proxy {
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection to a declared-HTTP port may stay silent before it is served as HTTP
+/// anyway (the HTTP server then applies its own limits). Long on purpose: see `handle`.
+const DECLARED_HTTP_FIRST_BYTES: Duration = Duration::from_secs(3600);
 
 fn client(inbound: bool, h2: bool) -> Client<Connector, Incoming> {
     let mut b = Client::builder(TokioExecutor::new());
@@ -306,8 +309,24 @@ impl Proxy {
             };
             let detected = match declared {
                 Protocol::Tcp | Protocol::Tls => Detected::Opaque,
+                // Declared HTTP is not sniffed against a deadline (Istio does not sniff declared
+                // ports): a client that connects and speaks later (a warmed keep-alive pool) must
+                // still be routed per request, not pinned to one endpoint as opaque TCP. The peek
+                // only lets non-HTTP bytes on a mis-declared port fall back to TCP.
                 Protocol::Http | Protocol::Http2 | Protocol::Grpc => {
-                    detect::detect(&stream, self.cfg.detection_timeout).await
+                    let mut draining = self.draining.clone();
+                    tokio::select! {
+                        d = detect::detect(&stream, DECLARED_HTTP_FIRST_BYTES) => match d {
+                            Detected::Timeout => Detected::Http1,
+                            d => d,
+                        },
+                        // Nothing in flight on a connection that never spoke: close it now
+                        // rather than hold the drain open.
+                        _ = draining.wait_for(|d| *d) => {
+                            debug!("draining: closing a connection that never sent a byte");
+                            return;
+                        }
+                    }
                 }
                 // Server-first protocols: the client may never speak first.
                 Protocol::Unknown if SERVER_FIRST_PORTS.contains(&orig.port()) => Detected::Opaque,

@@ -699,56 +699,146 @@ async fn istio_routing_through_init_and_both_sidecars() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 
     // Weights changed live, 100/0 then 0/100, by rewriting the file while requests flow: no
-    // request may fail, and new requests follow the new weights.
-    for (w1, w2, want) in [(100, 0, "reviews-v1"), (0, 100, "reviews-v2")] {
-        let shifted = REVIEWS_HTTP
-            .replace(
-                "subset: v1}, weight: 90",
-                &format!("subset: v1}}, weight: {w1}"),
-            )
-            .replace(
-                "subset: v2}, weight: 10",
-                &format!("subset: v2}}, weight: {w2}"),
-            );
-        assert_ne!(shifted, REVIEWS_HTTP);
-        let yaml = reviews_yaml(n, &shifted);
-        let dir = m.dir.clone();
-        let writer = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(300));
-            let tmp = dir.join("routing.yaml.tmp");
-            std::fs::write(&tmp, yaml).expect("write");
-            std::fs::rename(&tmp, dir.join("routing.yaml")).expect("rename");
-        });
-        let (failures, seen): (Vec<String>, Vec<String>) = run_in(&pod, move || async move {
-            let mut f = Vec::new();
+    // request may fail, new requests follow the new weights, and connections opened before the
+    // changes (opaque TCP, a websocket, an HTTP/1.1 keep-alive connection) stay up.
+    tokio::spawn(upstream::serve_echo(
+        tokio::net::TcpListener::from_std(bind_in(
+            &p.peer,
+            SocketAddr::from(([10, n as u8, 0, 1], 9000)),
+        ))
+        .expect("listener"),
+    ));
+    let phases: Vec<(String, &'static str)> = [(100, 0, "reviews-v1"), (0, 100, "reviews-v2")]
+        .into_iter()
+        .map(|(w1, w2, want)| {
+            let shifted = REVIEWS_HTTP
+                .replace(
+                    "subset: v1}, weight: 90",
+                    &format!("subset: v1}}, weight: {w1}"),
+                )
+                .replace(
+                    "subset: v2}, weight: 10",
+                    &format!("subset: v2}}, weight: {w2}"),
+                );
+            assert_ne!(shifted, REVIEWS_HTTP);
+            (reviews_yaml(n, &shifted), want)
+        })
+        .collect();
+    let dir = m.dir.clone();
+    let tcp_vip = SocketAddr::from(([10, 96, n as u8, 10], 9000));
+    let failures: Vec<String> = run_in(&pod, move || async move {
+        let mut f = Vec::new();
+        let long_lived = async {
+            let tcp = tokio::net::TcpStream::connect(tcp_vip)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut ws = tokio::net::TcpStream::connect(vip)
+                .await
+                .map_err(|e| e.to_string())?;
+            ws.write_all(b"GET /ws HTTP/1.1\r\nHost: reviews:9080\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n").await.map_err(|e| e.to_string())?;
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                ws.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+                head.push(b[0]);
+            }
+            if !head.starts_with(b"HTTP/1.1 101") {
+                return Err(format!(
+                    "websocket upgrade: {}",
+                    String::from_utf8_lossy(&head)
+                ));
+            }
+            let s = tokio::net::TcpStream::connect(vip)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (h1, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            Ok::<_, String>((tcp, ws, h1))
+        };
+        let (mut tcp, mut ws, mut h1) = match long_lived.await {
+            Ok(c) => c,
+            Err(e) => return vec![format!("opening long-lived connections: {e}")],
+        };
+        for (round, (yaml, want)) in phases.into_iter().enumerate() {
+            let dir = dir.clone();
+            let written = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let done = written.clone();
+            let writer = tokio::task::spawn_blocking(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                let tmp = dir.join("routing.yaml.tmp");
+                std::fs::write(&tmp, yaml).expect("write");
+                std::fs::rename(&tmp, dir.join("routing.yaml")).expect("rename");
+                done.store(true, std::sync::atomic::Ordering::SeqCst);
+            });
             let mut seen = Vec::new();
             let started = Instant::now();
-            // Until 50 consecutive answers come from the wanted version (bounded by time).
+            // Until 100 consecutive answers after the write come from the wanted version (under
+            // the old 90/10 that happens by chance with p = 0.9^100): the change is in effect.
             let mut streak = 0;
-            while streak < 50 && started.elapsed() < Duration::from_secs(20) {
+            while streak < 100 && started.elapsed() < Duration::from_secs(20) {
+                let after_write = written.load(std::sync::atomic::Ordering::SeqCst);
                 match ferry_tests::http_get_with(vip, "/", "reviews:9080", &[]).await {
                     Ok((200, _, b)) => {
                         let who = served_by(&b);
-                        streak = if who == want { streak + 1 } else { 0 };
+                        streak = if who == want && after_write {
+                            streak + 1
+                        } else {
+                            0
+                        };
                         seen.push(who);
                     }
-                    other => f.push(format!("during change to {w1}/{w2}: {other:?}")),
+                    other => f.push(format!("during change to {want}: {other:?}")),
                 }
             }
-            if streak < 50 {
+            writer.await.expect("writer");
+            if streak < 100 {
                 f.push(format!(
-                    "weights never moved to {w1}/{w2} (last streak {streak})"
+                    "traffic never moved to {want} (last streak {streak})"
                 ));
             }
-            (f, seen)
-        });
-        writer.join().expect("writer");
-        assert!(failures.is_empty(), "{}", failures.join("\n"));
-        if want == "reviews-v2" {
-            assert!(
-                seen.iter().any(|w| w == "reviews-v1"),
-                "the change to 0/100 happened before any request was measured: {seen:?}"
-            );
+            if want == "reviews-v2" && !seen.iter().any(|w| w == "reviews-v1") {
+                f.push(format!(
+                    "the change to 0/100 happened before any request was measured: {seen:?}"
+                ));
+            }
+            // The connections opened before any change still carry traffic.
+            let token = format!("round{round}");
+            let mut echo = vec![0u8; token.len()];
+            for (what, s) in [("tcp", &mut tcp), ("websocket", &mut ws)] {
+                let r = async {
+                    s.write_all(token.as_bytes()).await?;
+                    s.read_exact(&mut echo).await
+                };
+                match r.await {
+                    Ok(_) if echo == token.as_bytes() => {}
+                    other => f.push(format!(
+                        "{what} opened before the change: {other:?} {echo:?}"
+                    )),
+                }
+            }
+            let req = hyper::Request::get("/")
+                .header("host", "reviews:9080")
+                .body(Full::new(Bytes::new()))
+                .expect("request");
+            match h1.send_request(req).await {
+                Ok(r) if r.status() == 200 => {
+                    let body = r.into_body().collect().await.map(|c| c.to_bytes());
+                    let who = body
+                        .map(|b| served_by(&String::from_utf8_lossy(&b)))
+                        .unwrap_or_default();
+                    // Routing is per request: the kept-alive connection follows the new weights.
+                    if who != want {
+                        f.push(format!(
+                            "keep-alive request after the change went to {who}, not {want}"
+                        ));
+                    }
+                }
+                other => f.push(format!("keep-alive connection after the change: {other:?}")),
+            }
         }
-    }
+        f
+    });
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
