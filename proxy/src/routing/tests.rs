@@ -554,3 +554,59 @@ spec: {hosts: ["*"], http: [{route: [{destination: {host: all}}]}]}
     assert_eq!(who("example.com").as_deref(), Some("default/all"));
     assert_eq!(who("reviews").as_deref(), Some("default/all"));
 }
+
+/// Every value of every Bookinfo resource replaced, one at a time, by values of the wrong shape:
+/// compiling never panics, and an untouched VirtualService next to the broken one keeps routing.
+#[test]
+fn any_yaml_shape_compiles_without_panic_and_isolates_the_damage() {
+    const RATINGS: &str = "apiVersion: networking.istio.io/v1alpha3\nkind: VirtualService\nmetadata: {name: ratings, namespace: default}\nspec: {hosts: [ratings], http: [{route: [{destination: {host: ratings}}]}]}\n";
+    let base = docs(BOOKINFO);
+    let ratings = docs(RATINGS);
+    let odd = [
+        Value::Null,
+        serde_json::json!(0),
+        serde_json::json!(-1),
+        serde_json::json!(1e300),
+        serde_json::json!("((("),
+        serde_json::json!(""),
+        serde_json::json!([]),
+        serde_json::json!({}),
+        serde_json::json!(true),
+        serde_json::json!([{"exact": 5}]),
+    ];
+    fn paths(v: &Value, at: String, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => m.iter().for_each(|(k, v)| {
+                let p = format!("{at}/{}", k.replace('~', "~0").replace('/', "~1"));
+                paths(v, p.clone(), out);
+                out.push(p);
+            }),
+            Value::Array(a) => a.iter().enumerate().for_each(|(i, v)| {
+                let p = format!("{at}/{i}");
+                paths(v, p.clone(), out);
+                out.push(p);
+            }),
+            _ => {}
+        }
+    }
+    let mut mutations = 0;
+    for (d, doc) in base.iter().enumerate() {
+        let mut at = Vec::new();
+        paths(doc, String::new(), &mut at);
+        for p in &at {
+            for bad in &odd {
+                let mut docs = base.clone();
+                *docs[d].pointer_mut(p).expect("path") = bad.clone();
+                docs.extend(ratings.iter().cloned());
+                let t = RouteTable::compile(&docs, "cluster.local");
+                mutations += 1;
+                assert_eq!(
+                    route_for(&t, "ratings.default.svc.cluster.local", &req("/")).map(|(o, _)| o),
+                    Some("default/ratings http[0]".to_owned()),
+                    "ratings stopped routing when doc {d} {p} became {bad}"
+                );
+            }
+        }
+    }
+    assert!(mutations > 500, "only {mutations} mutations tried");
+}
