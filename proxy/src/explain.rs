@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
 
-use crate::discovery::Snapshot;
-use crate::routing::{Action, LoadBalancer, RequestView};
+use crate::discovery::{Protocol, Snapshot};
+use crate::routing::{Action, ConnView, Destination, LoadBalancer, RequestView};
 
 /// A request to explain.
 #[derive(Clone, Debug, Default)]
@@ -145,6 +145,41 @@ pub fn explain(snap: &Snapshot, q: &Query, domain: &str) -> Value {
             "note": if eps.is_empty() { Value::String("no ready endpoint: requests get 503 no healthy upstream".into()) } else { Value::Null },
         })
     };
+    let destinations = |ds: &[Destination]| -> Value {
+        ds.iter()
+            .map(|d| {
+                let p = d.port.unwrap_or(port);
+                json!({"host": d.host, "subset": d.subset, "port": p, "weight": d.weight, "resolved": endpoints_of(&d.host, p, d.subset.as_deref())})
+            })
+            .collect()
+    };
+    // Opaque TCP and TLS ports are routed by `tcp[]` / `tls[]`; `http[]` never applies to them.
+    let declared = service.port(port).map(|p| p.protocol);
+    if matches!(declared, Some(Protocol::Tcp | Protocol::Tls)) {
+        let conn = ConnView {
+            port,
+            destination: service
+                .cluster_ips
+                .first()
+                .copied()
+                .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0])),
+            sni: (declared == Some(Protocol::Tls)).then_some(q.host.as_str()),
+            source_labels: &no_labels,
+            source_namespace: &q.namespace,
+        };
+        match snap.routes.find_l4(&host, &conn) {
+            None => {
+                out["verdict"] =
+                    json!("no tcp/tls rule of a VirtualService matched: plain service routing");
+                out["endpoints"] = endpoints_of(&host, port, None);
+            }
+            Some(route) => {
+                out["matched"] = json!({"rule": route.origin});
+                out["destinations"] = destinations(&route.destinations);
+            }
+        }
+        return out;
+    }
     if routes.is_empty() {
         out["verdict"] = json!("no VirtualService for this host: plain service routing");
         out["endpoints"] = endpoints_of(&host, port, None);
@@ -171,14 +206,7 @@ pub fn explain(snap: &Snapshot, q: &Query, domain: &str) -> Value {
                         json!({"code": code, "uri": uri, "authority": authority, "scheme": scheme});
                 }
                 Action::Route(ds) => {
-                    out["destinations"] = Value::Array(
-                        ds.iter()
-                            .map(|d| {
-                                let p = d.port.unwrap_or(port);
-                                json!({"host": d.host, "subset": d.subset, "port": p, "weight": d.weight, "resolved": endpoints_of(&d.host, p, d.subset.as_deref())})
-                            })
-                            .collect(),
-                    );
+                    out["destinations"] = destinations(ds);
                 }
             }
             if let Some(p) = route.rewrite_path(path) {
@@ -190,4 +218,97 @@ pub fn explain(snap: &Snapshot, q: &Query, domain: &str) -> Value {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DB: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec: {clusterIP: 10.96.0.30, ports: [{name: tcp-db, port: 5432}, {name: http-admin, port: 8080}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: db-1, namespace: shop, labels: {kubernetes.io/service-name: db}}
+addressType: IPv4
+ports: [{name: tcp-db, port: 5432}, {name: http-admin, port: 8080}]
+endpoints:
+- {addresses: ["10.1.0.5"], conditions: {ready: true}, targetRef: {kind: Pod, name: db-primary, namespace: shop}}
+- {addresses: ["10.1.0.6"], conditions: {ready: true}, targetRef: {kind: Pod, name: db-replica, namespace: shop}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-primary, namespace: shop, labels: {role: primary}}
+status: {podIP: "10.1.0.5"}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-replica, namespace: shop, labels: {role: replica}}
+status: {podIP: "10.1.0.6"}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: db, namespace: shop}
+spec: {host: db, subsets: [{name: primary, labels: {role: primary}}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: db, namespace: shop}
+spec:
+  hosts: [db]
+  tcp:
+  - match: [{port: 5432}]
+    route: [{destination: {host: db, subset: primary}}]
+"#;
+
+    fn snap() -> Snapshot {
+        let objects: Vec<Value> = serde_yaml::Deserializer::from_str(DB)
+            .map(|d| serde::Deserialize::deserialize(d).expect("doc"))
+            .collect();
+        Snapshot::build(1, &objects, "cluster.local")
+    }
+
+    fn ask(host: &str, port: u16) -> Value {
+        let q = Query {
+            host: host.into(),
+            port: Some(port),
+            path: "/".into(),
+            method: "GET".into(),
+            namespace: "shop".into(),
+            ..Query::default()
+        };
+        explain(&snap(), &q, "cluster.local")
+    }
+
+    #[test]
+    fn tcp_destinations_explain_their_tcp_rule_subset_and_endpoints() {
+        let e = ask("db", 5432);
+        assert_eq!(e["protocol"], "Tcp", "{e:#}");
+        assert_eq!(
+            e["matched"]["rule"]
+                .as_str()
+                .map(|r| r.starts_with("shop/db")),
+            Some(true),
+            "{e:#}"
+        );
+        let d = &e["destinations"][0];
+        assert_eq!(d["subset"], "primary", "{e:#}");
+        assert_eq!(
+            d["resolved"]["endpoints"],
+            json!(["10.1.0.5:5432"]),
+            "{e:#}"
+        );
+        // The HTTP port of the same host: tcp[] does not apply and there is no http[] rule, so
+        // plain service routing over every endpoint, as the data path does.
+        let h = ask("db", 8080);
+        assert!(h["matched"].is_null(), "{h:#}");
+        assert_eq!(
+            h["endpoints"]["endpoints"],
+            json!(["10.1.0.5:8080", "10.1.0.6:8080"]),
+            "{h:#}"
+        );
+    }
 }
