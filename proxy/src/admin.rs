@@ -182,32 +182,32 @@ impl Admin {
             .first()
             .copied()
             .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
-        let port_of = |v: &Value| {
-            v.get("port")
+        // Where a probe goes: its numeric `port` at its `host` (default: the pod IP).
+        let target_of = |v: &Value| {
+            let port = v
+                .get("port")
                 .and_then(Value::as_u64)
-                .and_then(|p| u16::try_from(p).ok())
-        };
-        if let Some(h) = prober.get("httpGet") {
-            let Some(port) = port_of(h) else {
-                return text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "prober has no numeric port\n",
-                );
-            };
-            let host = h
+                .and_then(|p| u16::try_from(p).ok())?;
+            let host = v
                 .get("host")
                 .and_then(Value::as_str)
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(host_ip);
-            let p = h.get("path").and_then(Value::as_str).unwrap_or("/");
-            return match probe_http(
-                SocketAddr::new(host, port),
-                p,
-                h.get("httpHeaders"),
-                timeout,
+            Some(SocketAddr::new(host, port))
+        };
+        let no_port = || {
+            text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "prober has no numeric port
+",
             )
-            .await
-            {
+        };
+        if let Some(h) = prober.get("httpGet") {
+            let Some(addr) = target_of(h) else {
+                return no_port();
+            };
+            let p = h.get("path").and_then(Value::as_str).unwrap_or("/");
+            return match probe_http(addr, p, h.get("httpHeaders"), timeout).await {
                 Ok(code) if (200..400).contains(&code) => text(
                     StatusCode::from_u16(code).unwrap_or(StatusCode::OK),
                     format!("app answered {code}\n"),
@@ -223,19 +223,11 @@ impl Admin {
             };
         }
         if let Some(g) = prober.get("grpc") {
-            let Some(port) = port_of(g) else {
-                return text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "prober has no numeric port\n",
-                );
+            let Some(addr) = target_of(g) else {
+                return no_port();
             };
             let service = g.get("service").and_then(Value::as_str).unwrap_or("");
-            return match tokio::time::timeout(
-                timeout,
-                probe_grpc(SocketAddr::new(host_ip, port), service),
-            )
-            .await
-            {
+            return match tokio::time::timeout(timeout, probe_grpc(addr, service)).await {
                 Ok(Ok(1)) => text(StatusCode::OK, "SERVING\n"),
                 Ok(Ok(s)) => text(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -252,23 +244,10 @@ impl Admin {
             };
         }
         if let Some(t) = prober.get("tcpSocket") {
-            let Some(port) = port_of(t) else {
-                return text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "prober has no numeric port\n",
-                );
+            let Some(addr) = target_of(t) else {
+                return no_port();
             };
-            let host = t
-                .get("host")
-                .and_then(Value::as_str)
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(host_ip);
-            return match tokio::time::timeout(
-                timeout,
-                tokio::net::TcpStream::connect(SocketAddr::new(host, port)),
-            )
-            .await
-            {
+            return match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
                 Ok(Ok(_)) => text(StatusCode::OK, "app port accepts connections\n"),
                 Ok(Err(e)) => text(
                     StatusCode::SERVICE_UNAVAILABLE,

@@ -201,6 +201,24 @@ impl HttpRoute {
     }
 }
 
+/// A `{key: value}` object of strings (labels); non-string values read as empty.
+fn string_map(v: Option<&Value>) -> BTreeMap<String, String> {
+    v.and_then(Value::as_object)
+        .map(|o| {
+            o.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A match's `port`, when it is a valid port number.
+fn port_field(m: &Value) -> Option<u16> {
+    m.get("port")
+        .and_then(Value::as_u64)
+        .and_then(|p| u16::try_from(p).ok())
+}
+
 /// One compiled `tcp[]` or `tls[]` entry.
 #[derive(Clone, Debug)]
 pub struct L4Route {
@@ -284,20 +302,9 @@ fn compile_l4(
             })
             .collect::<Result<Vec<_>, _>>()?;
         matches.push(L4Match {
-            port: m
-                .get("port")
-                .and_then(Value::as_u64)
-                .and_then(|p| u16::try_from(p).ok()),
+            port: port_field(m),
             destination_subnets: subnets,
-            source_labels: m
-                .get("sourceLabels")
-                .and_then(Value::as_object)
-                .map(|o| {
-                    o.iter()
-                        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
-                        .collect()
-                })
-                .unwrap_or_default(),
+            source_labels: string_map(m.get("sourceLabels")),
             source_namespace: m
                 .get("sourceNamespace")
                 .and_then(Value::as_str)
@@ -584,19 +591,8 @@ fn compile_match(m: &Value, field: &str) -> Result<Match, String> {
             .get("ignoreUriCase")
             .and_then(Value::as_bool)
             .unwrap_or(false),
-        port: m
-            .get("port")
-            .and_then(Value::as_u64)
-            .and_then(|p| u16::try_from(p).ok()),
-        source_labels: m
-            .get("sourceLabels")
-            .and_then(Value::as_object)
-            .map(|o| {
-                o.iter()
-                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
-                    .collect()
-            })
-            .unwrap_or_default(),
+        port: port_field(m),
+        source_labels: string_map(m.get("sourceLabels")),
         source_namespace: m
             .get("sourceNamespace")
             .and_then(Value::as_str)
@@ -856,16 +852,7 @@ impl RouteTable {
                             let sname = s["name"]
                                 .as_str()
                                 .ok_or_else(|| format!("subsets[{i}].name is required"))?;
-                            let labels: BTreeMap<String, String> = s["labels"]
-                                .as_object()
-                                .map(|o| {
-                                    o.iter()
-                                        .map(|(k, v)| {
-                                            (k.clone(), v.as_str().unwrap_or_default().to_owned())
-                                        })
-                                        .collect()
-                                })
-                                .unwrap_or_default();
+                            let labels = string_map(s.get("labels"));
                             let sub_lb = lb(&s["trafficPolicy"])
                                 .map_err(|e| format!("subsets[{i}].trafficPolicy.{e}"))?;
                             if subsets.insert(sname.to_owned(), (labels, sub_lb)).is_some() {
