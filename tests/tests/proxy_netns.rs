@@ -410,20 +410,11 @@ async fn protocols_config_changes_and_drain_through_both_sidecars() {
         }
         // Websocket-style upgrade.
         let ws = async {
-            let mut s = tokio::net::TcpStream::connect(SocketAddr::new(vip, 80))
-                .await
-                .map_err(|e| e.to_string())?;
-            s.write_all(b"GET /ws HTTP/1.1\r\nHost: server\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n").await.map_err(|e| e.to_string())?;
-            let mut head = Vec::new();
-            let mut b = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                s.read_exact(&mut b).await.map_err(|e| e.to_string())?;
-                head.push(b[0]);
-            }
+            let (mut s, head) = ws_open(SocketAddr::new(vip, 80), "server").await?;
             s.write_all(b"frame").await.map_err(|e| e.to_string())?;
             let mut e = [0u8; 5];
             s.read_exact(&mut e).await.map_err(|e| e.to_string())?;
-            Ok::<_, String>((String::from_utf8_lossy(&head).into_owned(), e))
+            Ok::<_, String>((head, e))
         };
         match ws.await {
             Ok((head, e)) if head.starts_with("HTTP/1.1 101") && &e == b"frame" => {}
@@ -732,21 +723,9 @@ async fn istio_routing_through_init_and_both_sidecars() {
             let tcp = tokio::net::TcpStream::connect(tcp_vip)
                 .await
                 .map_err(|e| e.to_string())?;
-            let mut ws = tokio::net::TcpStream::connect(vip)
-                .await
-                .map_err(|e| e.to_string())?;
-            ws.write_all(b"GET /ws HTTP/1.1\r\nHost: reviews:9080\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n").await.map_err(|e| e.to_string())?;
-            let mut head = Vec::new();
-            let mut b = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                ws.read_exact(&mut b).await.map_err(|e| e.to_string())?;
-                head.push(b[0]);
-            }
-            if !head.starts_with(b"HTTP/1.1 101") {
-                return Err(format!(
-                    "websocket upgrade: {}",
-                    String::from_utf8_lossy(&head)
-                ));
+            let (ws, head) = ws_open(vip, "reviews:9080").await?;
+            if !head.starts_with("HTTP/1.1 101") {
+                return Err(format!("websocket upgrade: {head}"));
             }
             let s = tokio::net::TcpStream::connect(vip)
                 .await
@@ -841,4 +820,24 @@ async fn istio_routing_through_init_and_both_sidecars() {
         f
     });
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Open a websocket-style upgrade: the stream and the response head.
+async fn ws_open(addr: SocketAddr, host: &str) -> Result<(tokio::net::TcpStream, String), String> {
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nHost: {host}\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+    );
+    s.write_all(req.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+        head.push(b[0]);
+    }
+    Ok((s, String::from_utf8_lossy(&head).into_owned()))
 }
