@@ -156,6 +156,10 @@ async fn http1_keepalive_host_routing_and_errors() {
             .header("host", "reviews:9080")
             .body(Full::new(Bytes::from(vec![b'x'; 1000])))
             .expect("req");
+        // The previous response finishing and the connection turning idle race: wait for it.
+        tx.ready()
+            .await
+            .expect("connection ready for the next request");
         let resp = tx.send_request(req).await.expect("keep-alive request");
         assert_eq!(resp.status(), 200);
         let body: serde_json::Value =

@@ -801,6 +801,10 @@ async fn istio_routing_through_init_and_both_sidecars() {
                 .header("host", "reviews:9080")
                 .body(Full::new(Bytes::new()))
                 .expect("request");
+            if let Err(e) = h1.ready().await {
+                f.push(format!("keep-alive connection after the change: {e}"));
+                continue;
+            }
             match h1.send_request(req).await {
                 Ok(r) if r.status() == 200 => {
                     let body = r.into_body().collect().await.map(|c| c.to_bytes());
