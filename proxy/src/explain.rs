@@ -105,26 +105,10 @@ pub fn explain(snap: &Snapshot, q: &Query, domain: &str) -> Value {
             return json!({"error": format!("{svc_host} is not a known service")});
         };
         let rule = snap.routes.rule(&svc.hostname(domain));
-        let (labels, lb, missing) = match subset {
-            Some(s) => match rule.as_ref().and_then(|r| {
-                r.subsets
-                    .get(s)
-                    .map(|(l, sub)| (l.clone(), sub.clone().unwrap_or_else(|| r.lb.clone())))
-            }) {
-                Some((l, lb)) => (Some(l), lb, false),
-                None => (None, LoadBalancer::RoundRobin, true),
-            },
-            None => (
-                None,
-                rule.as_ref()
-                    .map(|r| r.lb.clone())
-                    .unwrap_or(LoadBalancer::RoundRobin),
-                false,
-            ),
-        };
-        if missing {
+        let resolved = crate::routing::resolve_destination(rule.as_deref(), subset, port);
+        let Some((labels, lb)) = resolved else {
             return json!({"destinationRule": rule.map(|r| r.origin.clone()), "error": format!("subset {:?} is not defined by any DestinationRule for {}: requests get 503 no healthy upstream", subset.unwrap_or_default(), svc.hostname(domain))});
-        }
+        };
         let eps: Vec<String> = svc
             .endpoints
             .get(&port)

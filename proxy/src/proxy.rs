@@ -833,23 +833,9 @@ impl Proxy {
         let rule = snap
             .routes
             .rule(&service.hostname(&self.cfg.cluster_domain));
-        let (labels, lb) = match subset {
-            Some(s) => match rule.as_ref().and_then(|r| {
-                r.subsets
-                    .get(s)
-                    .map(|(l, sub)| (l.clone(), sub.clone().unwrap_or_else(|| r.lb.clone())))
-            }) {
-                Some((l, lb)) => (Some(l), lb),
-                None => {
-                    return Err("no healthy upstream (subset not defined by a DestinationRule)");
-                }
-            },
-            None => (
-                None,
-                rule.as_ref()
-                    .map(|r| r.lb.clone())
-                    .unwrap_or(LoadBalancer::RoundRobin),
-            ),
+        let Some((labels, lb)) = crate::routing::resolve_destination(rule.as_deref(), subset, port)
+        else {
+            return Err("no healthy upstream (subset not defined by a DestinationRule)");
         };
         let eps: Vec<&crate::discovery::Endpoint> = service
             .endpoints

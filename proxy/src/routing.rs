@@ -444,13 +444,77 @@ impl HostRoutes {
     }
 }
 
+/// A `trafficPolicy` as far as routing uses it: the load balancer, and `portLevelSettings` by
+/// port number (a port entry without `loadBalancer` is `None`: port-level settings replace the
+/// policy's as a whole, so it means "the default", not "inherit").
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    pub lb: Option<LoadBalancer>,
+    pub ports: BTreeMap<u16, Option<LoadBalancer>>,
+}
+
+impl Policy {
+    /// The balancer this policy sets for `port`, and whether a port-level entry decided it.
+    fn for_port(&self, port: u16) -> (Option<&LoadBalancer>, bool) {
+        match self.ports.get(&port) {
+            Some(lb) => (lb.as_ref(), true),
+            None => (self.lb.as_ref(), false),
+        }
+    }
+}
+
 /// A compiled DestinationRule.
 #[derive(Clone, Debug)]
 pub struct Rule {
     pub origin: String,
-    pub lb: LoadBalancer,
-    /// subset name → (pod labels, load balancer override)
-    pub subsets: BTreeMap<String, (BTreeMap<String, String>, Option<LoadBalancer>)>,
+    pub policy: Policy,
+    /// subset name → (pod labels, the subset's own traffic policy)
+    pub subsets: BTreeMap<String, (BTreeMap<String, String>, Policy)>,
+}
+
+impl Rule {
+    /// The endpoint labels and load balancer for traffic to `subset` (if any) on `port`, with
+    /// Istio's precedence (pilot's MergeSubsetTrafficPolicy): each policy is first resolved for
+    /// the port (a port-level entry replaces the policy's fields), then the subset's resolved
+    /// balancer, when it sets one or came from a port-level entry, replaces the rule's.
+    /// `None` when the subset is not defined. Nothing set anywhere: ROUND_ROBIN.
+    pub fn resolve(
+        &self,
+        subset: Option<&str>,
+        port: u16,
+    ) -> Option<(Option<&BTreeMap<String, String>>, LoadBalancer)> {
+        let (labels, sub) = match subset {
+            Some(s) => {
+                let (labels, policy) = self.subsets.get(s)?;
+                (Some(labels), Some(policy))
+            }
+            None => (None, None),
+        };
+        let (mut lb, _) = self.policy.for_port(port);
+        if let Some(sub) = sub {
+            let (sub_lb, port_level) = sub.for_port(port);
+            if sub_lb.is_some() || port_level {
+                lb = sub_lb;
+            }
+        }
+        Some((labels, lb.cloned().unwrap_or(LoadBalancer::RoundRobin)))
+    }
+}
+
+/// The endpoint labels and load balancer for `subset` on `port` of a host whose DestinationRule
+/// (if any) is `rule`; `None` when a subset is asked for that no rule defines (Istio: 503).
+pub fn resolve_destination(
+    rule: Option<&Rule>,
+    subset: Option<&str>,
+    port: u16,
+) -> Option<(Option<BTreeMap<String, String>>, LoadBalancer)> {
+    match rule {
+        Some(r) => r
+            .resolve(subset, port)
+            .map(|(labels, lb)| (labels.cloned(), lb)),
+        None if subset.is_some() => None,
+        None => Some((None, LoadBalancer::RoundRobin)),
+    }
 }
 
 /// Everything compiled from the Istio resources of one snapshot.
@@ -480,6 +544,29 @@ pub fn fqdn(host: &str, namespace: &str, domain: &str) -> String {
         _ if h.ends_with(".svc") => format!("{h}.{domain}"),
         _ => h.to_owned(),
     }
+}
+
+/// A `trafficPolicy` object (absent = empty policy).
+fn policy(v: &Value) -> Result<Policy, String> {
+    let ports = match v.get("portLevelSettings") {
+        None | Some(Value::Null) => BTreeMap::new(),
+        Some(Value::Array(list)) => {
+            let mut ports = BTreeMap::new();
+            for (i, p) in list.iter().enumerate() {
+                let number = p
+                    .get("port")
+                    .and_then(|n| n.get("number"))
+                    .and_then(Value::as_u64)
+                    .and_then(|n| u16::try_from(n).ok())
+                    .ok_or_else(|| format!("portLevelSettings[{i}].port.number is required"))?;
+                let l = lb(p).map_err(|e| format!("portLevelSettings[{i}].{e}"))?;
+                ports.insert(number, l);
+            }
+            ports
+        }
+        Some(_) => return Err("portLevelSettings: expected a list".into()),
+    };
+    Ok(Policy { lb: lb(v)?, ports })
 }
 
 fn lb(v: &Value) -> Result<Option<LoadBalancer>, String> {
@@ -844,24 +931,23 @@ impl RouteTable {
                     };
                     let host = fqdn(host, ns, domain);
                     let compiled = (|| -> Result<Rule, String> {
-                        let lb0 = lb(&spec["trafficPolicy"])
-                            .map_err(|e| format!("trafficPolicy.{e}"))?
-                            .unwrap_or(LoadBalancer::RoundRobin);
+                        let policy0 = policy(&spec["trafficPolicy"])
+                            .map_err(|e| format!("trafficPolicy.{e}"))?;
                         let mut subsets = BTreeMap::new();
                         for (i, s) in spec["subsets"].as_array().into_iter().flatten().enumerate() {
                             let sname = s["name"]
                                 .as_str()
                                 .ok_or_else(|| format!("subsets[{i}].name is required"))?;
                             let labels = string_map(s.get("labels"));
-                            let sub_lb = lb(&s["trafficPolicy"])
+                            let sub = policy(&s["trafficPolicy"])
                                 .map_err(|e| format!("subsets[{i}].trafficPolicy.{e}"))?;
-                            if subsets.insert(sname.to_owned(), (labels, sub_lb)).is_some() {
+                            if subsets.insert(sname.to_owned(), (labels, sub)).is_some() {
                                 return Err(format!("subsets[{i}].name {sname:?} is duplicated"));
                             }
                         }
                         Ok(Rule {
                             origin: id.clone(),
-                            lb: lb0,
+                            policy: policy0,
                             subsets,
                         })
                     })();

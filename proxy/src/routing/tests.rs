@@ -153,12 +153,21 @@ fn weights_split_by_the_roll_and_subsets_compile() {
     assert_eq!(subsets.iter().filter(|s| *s == "v1").count(), 90);
     assert_eq!(subsets.iter().filter(|s| *s == "v2").count(), 10);
     let rule = t.rule(HOST).expect("destination rule");
-    assert_eq!(rule.lb, LoadBalancer::Random);
     assert_eq!(
-        rule.subsets["v2"].1,
+        rule.resolve(None, 9080).map(|r| r.1),
+        Some(LoadBalancer::Random)
+    );
+    assert_eq!(
+        rule.resolve(Some("v2"), 9080).map(|r| r.1),
         Some(LoadBalancer::HashHeader("x-user".into())),
         "subset policy overrides the rule's"
     );
+    assert_eq!(
+        rule.resolve(Some("v1"), 9080).map(|r| r.1),
+        Some(LoadBalancer::Random),
+        "a subset without a policy inherits the rule's"
+    );
+    assert!(rule.resolve(Some("v9"), 9080).is_none(), "undefined subset");
     assert_eq!(
         rule.subsets["v1"].0.get("version").map(String::as_str),
         Some("v1")
@@ -609,4 +618,93 @@ fn any_yaml_shape_compiles_without_panic_and_isolates_the_damage() {
         }
     }
     assert!(mutations > 500, "only {mutations} mutations tried");
+}
+
+/// Istio's precedence for load balancing (pilot's MergeSubsetTrafficPolicy): rule and subset
+/// policies are each resolved for the port, then the subset's balancer wins when it has one.
+#[test]
+fn traffic_policy_precedence_rule_port_subset() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: api, namespace: default}
+spec:
+  host: api
+  trafficPolicy:
+    loadBalancer: {simple: RANDOM}
+    portLevelSettings:
+    - port: {number: 8080}
+      loadBalancer: {simple: LEAST_REQUEST}
+    - port: {number: 9090}
+      connectionPool: {tcp: {maxConnections: 10}}
+  subsets:
+  - name: plain
+    labels: {version: v1}
+  - name: own-lb
+    labels: {version: v2}
+    trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
+  - name: own-ports
+    labels: {version: v3}
+    trafficPolicy:
+      portLevelSettings:
+      - port: {number: 9090}
+        loadBalancer: {consistentHash: {useSourceIp: true}}
+"#;
+    let t = RouteTable::compile(&docs(yaml), "cluster.local");
+    assert!(t.diagnostics.is_empty(), "{:?}", t.diagnostics);
+    let rule = t.rule("api.default.svc.cluster.local").expect("rule");
+    let lb = |subset: Option<&str>, port: u16| rule.resolve(subset, port).map(|r| r.1);
+    use LoadBalancer::*;
+    let cases: &[(Option<&str>, u16, LoadBalancer, &str)] = &[
+        (None, 80, Random, "rule-wide policy"),
+        (None, 8080, LeastRequest, "port level beats rule-wide"),
+        (
+            None,
+            9090,
+            RoundRobin,
+            "a port entry without loadBalancer means the default, not inherit",
+        ),
+        (
+            Some("plain"),
+            8080,
+            LeastRequest,
+            "subset without policy inherits port level",
+        ),
+        (
+            Some("own-lb"),
+            80,
+            RoundRobin,
+            "subset balancer replaces the rule's",
+        ),
+        (
+            Some("own-lb"),
+            8080,
+            RoundRobin,
+            "it also beats the rule's port level",
+        ),
+        (Some("own-ports"), 9090, HashSourceIp, "subset port level"),
+        (
+            Some("own-ports"),
+            8080,
+            LeastRequest,
+            "other ports keep the rule's port level",
+        ),
+    ];
+    for (subset, port, want, why) in cases {
+        assert_eq!(
+            lb(*subset, *port),
+            Some(want.clone()),
+            "{subset:?}:{port}: {why}"
+        );
+    }
+    let bad = yaml.replace("port: {number: 8080}", "port: {name: http}");
+    let t = RouteTable::compile(&docs(&bad), "cluster.local");
+    assert!(
+        t.diagnostics
+            .iter()
+            .any(|d| d.contains("DestinationRule default/api")
+                && d.contains("portLevelSettings[0].port.number")),
+        "{:?}",
+        t.diagnostics
+    );
 }
