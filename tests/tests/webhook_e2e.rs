@@ -81,11 +81,11 @@ async fn start(pki: &Pki, config: &str) -> Harness {
     }
 }
 
+/// Unique per harness in this process: tests run in parallel, and a clock reading can repeat
+/// (two tests once shared a directory and each other's key files).
 fn rand_suffix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos() as u64)
-        .unwrap_or(0)
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// A MutatingWebhookConfiguration as the chart renders it; the client trusts only its caBundle.
