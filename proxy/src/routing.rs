@@ -361,6 +361,10 @@ struct HostRoutes {
     /// The distinct lengths of the keys of `by_prefix`, ascending: the only path prefixes a
     /// lookup needs to try.
     prefix_lens: Vec<usize>,
+    /// The header most of the remaining rules require an exact value of (e.g. `x-tenant`), and
+    /// those rules by that value.
+    header_key: Option<String>,
+    by_header: HashMap<String, Vec<usize>>,
     general: Vec<usize>,
 }
 
@@ -399,16 +403,82 @@ impl HostRoutes {
         self.prefix_lens = self.by_prefix.keys().map(String::len).collect();
         self.prefix_lens.sort_unstable();
         self.prefix_lens.dedup();
+        self.index_header();
+    }
+
+    /// Of the rules not keyed by URI: the exact value each match requires of `name`, if every
+    /// match of the rule requires one (only then can the rule be skipped when it differs).
+    fn header_values<'r>(r: &'r HttpRoute, name: &str) -> Option<Vec<&'r str>> {
+        if r.matches.is_empty() {
+            return None;
+        }
+        r.matches
+            .iter()
+            .map(|m| {
+                m.headers.iter().find_map(|(k, v)| match v {
+                    StringMatch::Exact(v) if k.eq_ignore_ascii_case(name) => Some(v.as_str()),
+                    _ => None,
+                })
+            })
+            .collect()
+    }
+
+    fn index_header(&mut self) {
+        // The header name required exactly by the most general rules.
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for &i in &self.general {
+            if let Some(m) = self.routes[i].matches.first() {
+                for (k, v) in &m.headers {
+                    if matches!(v, StringMatch::Exact(_)) {
+                        *counts.entry(k.to_ascii_lowercase()).or_default() += 1;
+                    }
+                }
+            }
+        }
+        let Some((name, n)) = counts
+            .into_iter()
+            .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)))
+        else {
+            return;
+        };
+        if n < 2 {
+            return; // not worth a lookup per request
+        }
+        let mut rest = Vec::new();
+        for &i in &self.general {
+            match Self::header_values(&self.routes[i], &name) {
+                Some(values) => {
+                    for v in values {
+                        let at = self.by_header.entry(v.to_owned()).or_default();
+                        if at.last() != Some(&i) {
+                            at.push(i);
+                        }
+                    }
+                }
+                None => rest.push(i),
+            }
+        }
+        self.general = rest;
+        self.header_key = Some(name);
     }
 
     /// First match wins across the general rules and the rules the path's keys select.
     fn find(&self, req: &RequestView<'_>) -> Option<(&Arc<HttpRoute>, &str)> {
         let exact = self.by_path.get(req.path).map_or(&[][..], Vec::as_slice);
+        let by_header = self
+            .header_key
+            .as_deref()
+            .and_then(|k| (req.headers)(k))
+            .and_then(|v| self.by_header.get(v))
+            .map_or(&[][..], Vec::as_slice);
         let gathered: Vec<usize>;
-        let keyed = if self.by_prefix.is_empty() {
+        let keyed = if self.by_prefix.is_empty() && by_header.is_empty() {
             exact
+        } else if self.by_prefix.is_empty() && exact.is_empty() {
+            by_header
         } else {
             let mut v = exact.to_vec();
+            v.extend_from_slice(by_header);
             for &len in &self.prefix_lens {
                 let Some(p) = req.path.get(..len) else {
                     if len > req.path.len() {

@@ -708,3 +708,59 @@ spec:
         t.diagnostics
     );
 }
+
+/// Rules keyed by an exact header value are found through an index; first match still wins
+/// across them and the rules evaluated in order.
+#[test]
+fn indexed_header_values_keep_first_match_wins() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: t, namespace: default}
+spec:
+  hosts: [t]
+  http:
+  - name: tenant-a
+    match: [{headers: {x-tenant: {exact: a}}}]
+    route: [{destination: {host: one}}]
+  - name: regex-path
+    match: [{uri: {regex: "/r.*"}}]
+    route: [{destination: {host: two}}]
+  - name: tenant-b-or-c
+    match: [{headers: {x-tenant: {exact: b}}}, {headers: {x-tenant: {exact: c}}}]
+    route: [{destination: {host: three}}]
+  - name: tenant-a-post-shadowed
+    match: [{headers: {x-tenant: {exact: a}}, method: {exact: POST}}]
+    route: [{destination: {host: four}}]
+  - name: tenant-z-prefix
+    match: [{headers: {x-tenant: {prefix: z}}}]
+    route: [{destination: {host: five}}]
+  - name: catch-all
+    route: [{destination: {host: six}}]
+"#;
+    let t = RouteTable::compile(&docs(yaml), "cluster.local");
+    assert!(t.diagnostics.is_empty(), "{:?}", t.diagnostics);
+    let host = "t.default.svc.cluster.local";
+    let cases: &[(&str, &str, Option<&str>, &str)] = &[
+        ("GET", "/", Some("a"), "tenant-a"),
+        ("POST", "/", Some("a"), "tenant-a"),
+        ("GET", "/rx", Some("b"), "regex-path"),
+        ("GET", "/", Some("c"), "tenant-b-or-c"),
+        ("GET", "/", Some("zz"), "tenant-z-prefix"),
+        ("GET", "/", Some("A"), "catch-all"),
+        ("GET", "/", None, "catch-all"),
+    ];
+    for (method, path, tenant, want) in cases {
+        let r = Req {
+            method,
+            headers: tenant.map(|v| vec![("X-Tenant", v)]).unwrap_or_default(),
+            ..req(path)
+        };
+        let got = route_for(&t, host, &r).map(|(o, _)| o);
+        assert_eq!(
+            got.as_deref(),
+            Some(format!("default/t {want}").as_str()),
+            "{method} {path} x-tenant={tenant:?}"
+        );
+    }
+}

@@ -110,13 +110,23 @@ fn main() {
             })
             .collect(),
     )];
-    // Not indexable (header-only rules are evaluated in order): the worst case, reported as such.
     let headers = vec![vs(
         "big",
         json!(["big"]),
         (0..1000)
             .map(|i| {
                 json!({"match": [{"headers": {"x-tenant": {"exact": format!("t{i}")}}}],
+                       "route": [{"destination": {"host": "big"}}]})
+            })
+            .collect(),
+    )];
+    // Not indexable (regexes are evaluated in order): the worst case, reported as such.
+    let regexes = vec![vs(
+        "big",
+        json!(["big"]),
+        (0..1000)
+            .map(|i| {
+                json!({"match": [{"uri": {"regex": format!("/r{i}/[a-z]+")}}],
                        "route": [{"destination": {"host": "big"}}]})
             })
             .collect(),
@@ -187,12 +197,21 @@ fn main() {
             Some("default/big"),
         ),
         case(
-            "1 service x 1,000 header-only rules, last rule (scanned in order)",
+            "1 service x 1,000 exact-header rules, last rule",
             headers,
             1000,
             svc("big"),
             "/",
             Some(("x-tenant", "t999")),
+            Some("default/big"),
+        ),
+        case(
+            "1 service x 1,000 regex rules, last rule (evaluated in order)",
+            regexes,
+            1000,
+            svc("big"),
+            "/r999/abc",
+            None,
             Some("default/big"),
         ),
         case(
