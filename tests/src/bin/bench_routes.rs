@@ -90,47 +90,21 @@ fn main() {
             [vs(&svc, json!([svc.clone()]), typical_rules(&svc)), dr]
         })
         .collect();
-    let one_service = vec![vs(
-        "big",
-        json!(["big"]),
-        (0..1000)
-            .map(|i| {
-                json!({"match": [{"uri": {"exact": format!("/route/{i}")}}],
-                       "route": [{"destination": {"host": "big"}}]})
-            })
-            .collect(),
-    )];
-    let prefixes = vec![vs(
-        "big",
-        json!(["big"]),
-        (0..1000)
-            .map(|i| {
-                json!({"match": [{"uri": {"prefix": format!("/route/{i}/")}}],
-                       "route": [{"destination": {"host": "big"}}]})
-            })
-            .collect(),
-    )];
-    let headers = vec![vs(
-        "big",
-        json!(["big"]),
-        (0..1000)
-            .map(|i| {
-                json!({"match": [{"headers": {"x-tenant": {"exact": format!("t{i}")}}}],
-                       "route": [{"destination": {"host": "big"}}]})
-            })
-            .collect(),
-    )];
+    // One service "big" with 1,000 rules, rule i matching what `m(i)` says.
+    let big = |m: &dyn Fn(usize) -> Value| {
+        vec![vs(
+            "big",
+            json!(["big"]),
+            (0..1000)
+                .map(|i| json!({"match": [m(i)], "route": [{"destination": {"host": "big"}}]}))
+                .collect(),
+        )]
+    };
+    let one_service = big(&|i| json!({"uri": {"exact": format!("/route/{i}")}}));
+    let prefixes = big(&|i| json!({"uri": {"prefix": format!("/route/{i}/")}}));
+    let headers = big(&|i| json!({"headers": {"x-tenant": {"exact": format!("t{i}")}}}));
     // Not indexable (regexes are evaluated in order): the worst case, reported as such.
-    let regexes = vec![vs(
-        "big",
-        json!(["big"]),
-        (0..1000)
-            .map(|i| {
-                json!({"match": [{"uri": {"regex": format!("/r{i}/[a-z]+")}}],
-                       "route": [{"destination": {"host": "big"}}]})
-            })
-            .collect(),
-    )];
+    let regexes = big(&|i| json!({"uri": {"regex": format!("/r{i}/[a-z]+")}}));
     let wildcards: Vec<Value> = (0..1000)
         .map(|i| {
             vs(
