@@ -50,6 +50,41 @@ apiVersion: v1\nkind: Pod\nmetadata: {{name: productpage-0, namespace: shop, lab
     )
 }
 
+/// reviews-v2 and the user's Istio YAML, as it would be applied to a cluster.
+const ROUTING: &str = r#"apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: reviews-2, namespace: shop, labels: {kubernetes.io/service-name: reviews}}
+addressType: IPv4
+ports: [{name: http, port: 8081}]
+endpoints: [{addresses: ["V2_IP"], conditions: {ready: true}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v2-0, namespace: shop, labels: {app: reviews, version: v2}}
+status: {podIP: "V2_IP"}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: shop}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{headers: {end-user: {exact: jason}}}]
+    route: [{destination: {host: reviews, subset: v2}}]
+  - route:
+    - {destination: {host: reviews, subset: v1}, weight: 80}
+    - {destination: {host: reviews, subset: v2}, weight: 20}
+"#;
+
 fn main() {
     step(
         "1. ferry-injector explains and injects a Deployment in a namespace labelled istio-injection=enabled",
@@ -180,6 +215,7 @@ fn main() {
         .await
     });
 
+    let vip_port = format!("{vip}:9080");
     step(&format!(
         "5. productpage (uid 1000) calls http://reviews.shop:9080 via the ClusterIP {vip}"
     ));
@@ -221,7 +257,96 @@ fn main() {
     }
 
     step(
-        "6. SIGTERM the sidecars (they drain and exit 0), remove the rules, delete the namespaces",
+        "6. Istio routing, unmodified YAML: reviews-v2 joins (10.X.0.3); a DestinationRule and a VirtualService send end-user: jason to v2 and everyone else 80/20",
+    );
+    let v2_ip = format!("10.{}.0.3", pair.n);
+    let out = pair.exec(
+        &pair.peer,
+        &["ip", "addr", "add", &format!("{v2_ip}/24"), "dev", "eth0"],
+    );
+    assert!(out.status.success(), "ip addr add: {out:?}");
+    let v2 = bind_in(
+        &pair.peer,
+        SocketAddr::new(v2_ip.parse().expect("ip"), 8081),
+    );
+    rt.spawn(async move {
+        upstream::serve_http(
+            tokio::net::TcpListener::from_std(v2).expect("listener"),
+            "reviews-v2".into(),
+        )
+        .await
+    });
+    let routing = ROUTING.replace("V2_IP", &v2_ip);
+    print!(
+        "{}",
+        routing
+            .lines()
+            .filter(|l| !l.starts_with("status"))
+            .map(|l| format!("   | {l}\n"))
+            .collect::<String>()
+    );
+    std::fs::write(dir.join("routing.yaml"), &routing).expect("write");
+    let ask = |headers: &[&str]| {
+        let mut cmd = vec![
+            netcheck.as_str(),
+            "http",
+            &vip_port,
+            "/reviews/1",
+            "reviews.shop:9080",
+        ];
+        cmd.extend_from_slice(headers);
+        let out = pair.exec_as(&pair.pod, 1000, &cmd);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        ["reviews-v1", "reviews-v2"]
+            .into_iter()
+            .find(|v| text.contains(v))
+            .unwrap_or("error")
+    };
+    // The file is hot-reloaded: wait until jason's requests reach v2.
+    let started = Instant::now();
+    while ask(&["end-user: jason"]) != "reviews-v2" {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the VirtualService never took effect"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let tally = |headers: &[&str]| {
+        let mut n = std::collections::BTreeMap::new();
+        for _ in 0..100 {
+            *n.entry(ask(headers)).or_insert(0) += 1;
+        }
+        n
+    };
+    println!(
+        "   100 requests as end-user: jason -> {:?}",
+        tally(&["end-user: jason"])
+    );
+    println!("   100 requests as anyone else     -> {:?}", tally(&[]));
+    println!(
+        "   $ ferry-proxy explain --host reviews.shop --port 9080 --path /reviews/1 --header end-user=jason"
+    );
+    let out = pair.exec(
+        &pair.pod,
+        &[
+            &proxy,
+            "explain",
+            "--host",
+            "reviews.shop",
+            "--port",
+            "9080",
+            "--path",
+            "/reviews/1",
+            "--header",
+            "end-user=jason",
+        ],
+    );
+    for l in String::from_utf8_lossy(&out.stdout).lines() {
+        println!("     {l}");
+    }
+
+    step(
+        "7. SIGTERM the sidecars (they drain and exit 0), remove the rules, delete the namespaces",
     );
     for p in &mut proxies {
         let _ = nix::sys::signal::kill(

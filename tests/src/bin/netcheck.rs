@@ -8,14 +8,15 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 /// `ferry-netcheck http ADDR PATH HOST`: one HTTP/1.1 GET, prints `STATUS BODY`.
-fn http(addr: SocketAddr, path: &str, host: &str) -> std::io::Result<String> {
+fn http(addr: SocketAddr, path: &str, host: &str, headers: &[String]) -> std::io::Result<String> {
     use std::io::Read;
     let timeout = Duration::from_secs(5);
     let mut s = TcpStream::connect_timeout(&addr, timeout)?;
     s.set_read_timeout(Some(timeout))?;
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n"
     )?;
     let mut buf = String::new();
     s.read_to_string(&mut buf)?;
@@ -35,10 +36,10 @@ fn main() -> ExitCode {
             args.get(3),
             args.get(4),
         ) else {
-            eprintln!("usage: ferry-netcheck http ADDR PATH HOST");
+            eprintln!("usage: ferry-netcheck http ADDR PATH HOST ['Name: value']...");
             return ExitCode::from(2);
         };
-        return match http(addr, path, host) {
+        return match http(addr, path, host, &args[5..]) {
             Ok(out) => {
                 println!("{out}");
                 ExitCode::SUCCESS
