@@ -132,13 +132,12 @@ impl Admin {
     /// The config dump: what the proxy knows and how it got it.
     pub fn config_dump(&self) -> Value {
         let snap = self.snapshot.borrow().clone();
-        let domain = &self.cfg.cluster_domain;
         let services: Vec<Value> = snap
             .services
             .iter()
             .map(|s| {
                 json!({
-                    "name": s.name, "namespace": s.namespace, "hostname": s.hostname(domain),
+                    "name": s.name, "namespace": s.namespace, "hostname": s.hostname,
                     "clusterIPs": s.cluster_ips.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
                     "ports": s.ports.iter().map(|p| json!({"name": p.name, "port": p.port, "protocol": format!("{:?}", p.protocol)})).collect::<Vec<_>>(),
                     "endpoints": s.endpoints.iter().map(|(port, eps)| json!({"port": port, "addresses": eps.iter().map(|e| e.addr.to_string()).collect::<Vec<_>>()})).collect::<Vec<_>>(),
@@ -325,11 +324,7 @@ impl Admin {
                     &self.cfg.pod_namespace,
                 );
                 let snap = self.snapshot.borrow().clone();
-                json_resp(&crate::explain::explain(
-                    &snap,
-                    &q,
-                    &self.cfg.cluster_domain,
-                ))
+                json_resp(&crate::explain::explain(&snap, &q))
             }
             (Port::Admin, &Method::GET, "/lookup") => {
                 // /lookup?addr=IP:PORT: what the outbound listener would do with that destination.
@@ -339,9 +334,9 @@ impl Admin {
                     .and_then(|a| a.parse::<SocketAddr>().ok());
                 let snap = self.snapshot.borrow().clone();
                 match addr.map(|a| snap.target(a)) {
-                    Some(Target::Service { service, port }) => json_resp(
-                        &json!({"service": service.hostname(&self.cfg.cluster_domain), "port": port}),
-                    ),
+                    Some(Target::Service { service, port }) => {
+                        json_resp(&json!({"service": service.hostname, "port": port}))
+                    }
                     Some(Target::Pod { addr, workload }) => json_resp(
                         &json!({"pod": workload.pod, "namespace": workload.namespace, "addr": addr.to_string()}),
                     ),

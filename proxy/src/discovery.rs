@@ -85,6 +85,8 @@ pub struct Endpoint {
 pub struct Service {
     pub name: String,
     pub namespace: String,
+    /// `name.namespace.svc.<cluster domain>`, fixed when the snapshot is built.
+    pub hostname: String,
     pub cluster_ips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
     /// Ready endpoints by service port number.
@@ -93,10 +95,6 @@ pub struct Service {
 }
 
 impl Service {
-    pub fn hostname(&self, domain: &str) -> String {
-        format!("{}.{}.svc.{domain}", self.name, self.namespace)
-    }
-
     pub fn port(&self, port: u16) -> Option<&ServicePort> {
         self.ports.iter().find(|p| p.port == port)
     }
@@ -301,6 +299,7 @@ impl Snapshot {
                 }
             }
             let svc = Arc::new(Service {
+                hostname: format!("{name}.{ns}.svc.{domain}"),
                 name: name.clone(),
                 namespace: ns.clone(),
                 cluster_ips: cluster_ips.clone(),

@@ -66,11 +66,11 @@ fn lb_name(lb: &LoadBalancer) -> String {
 }
 
 /// Explain where `q` would go.
-pub fn explain(snap: &Snapshot, q: &Query, domain: &str) -> Value {
+pub fn explain(snap: &Snapshot, q: &Query) -> Value {
     let Some(service) = snap.service_by_host(&q.host, &q.namespace) else {
         return json!({"host": q.host, "verdict": format!("{:?} is not a known service: outbound traffic to it follows the outbound traffic policy (passthrough under ALLOW_ANY)", q.host)});
     };
-    let host = service.hostname(domain);
+    let host = service.hostname.as_str();
     let port = q
         .port
         .filter(|p| service.port(*p).is_some())
@@ -98,16 +98,16 @@ pub fn explain(snap: &Snapshot, q: &Query, domain: &str) -> Value {
         source_labels: &no_labels,
         source_namespace: &q.namespace,
     };
-    let routes = snap.routes.routes(&host);
+    let routes = snap.routes.routes(host);
     let mut out = json!({"host": host, "port": port, "protocol": protocol});
     let endpoints_of = |svc_host: &str, port: u16, subset: Option<&str>| -> Value {
         let Some(svc) = snap.service_by_host(svc_host, &q.namespace) else {
             return json!({"error": format!("{svc_host} is not a known service")});
         };
-        let rule = snap.routes.rule(&svc.hostname(domain));
+        let rule = snap.routes.rule(&svc.hostname);
         let resolved = crate::routing::resolve_destination(rule.as_deref(), subset, port);
         let Some((labels, lb)) = resolved else {
-            return json!({"destinationRule": rule.map(|r| r.origin.clone()), "error": format!("subset {:?} is not defined by any DestinationRule for {}: requests get 503 no healthy upstream", subset.unwrap_or_default(), svc.hostname(domain))});
+            return json!({"destinationRule": rule.map(|r| r.origin.clone()), "error": format!("subset {:?} is not defined by any DestinationRule for {}: requests get 503 no healthy upstream", subset.unwrap_or_default(), svc.hostname)});
         };
         let eps: Vec<String> = svc
             .endpoints
@@ -122,7 +122,7 @@ pub fn explain(snap: &Snapshot, q: &Query, domain: &str) -> Value {
             .map(|e| e.addr.to_string())
             .collect();
         json!({
-            "destinationRule": rule.map(|r| r.origin.clone()),
+            "destinationRule": rule.as_ref().map(|r| r.origin.clone()),
             "subsetLabels": labels,
             "loadBalancer": lb_name(&lb),
             "endpoints": eps,
@@ -151,11 +151,11 @@ pub fn explain(snap: &Snapshot, q: &Query, domain: &str) -> Value {
             source_labels: &no_labels,
             source_namespace: &q.namespace,
         };
-        match snap.routes.find_l4(&host, &conn) {
+        match snap.routes.find_l4(host, &conn) {
             None => {
                 out["verdict"] =
                     json!("no tcp/tls rule of a VirtualService matched: plain service routing");
-                out["endpoints"] = endpoints_of(&host, port, None);
+                out["endpoints"] = endpoints_of(host, port, None);
             }
             Some(route) => {
                 out["matched"] = json!({"rule": route.origin});
@@ -166,12 +166,12 @@ pub fn explain(snap: &Snapshot, q: &Query, domain: &str) -> Value {
     }
     if routes.is_empty() {
         out["verdict"] = json!("no VirtualService for this host: plain service routing");
-        out["endpoints"] = endpoints_of(&host, port, None);
+        out["endpoints"] = endpoints_of(host, port, None);
         return out;
     }
     let considered: Vec<String> = routes.iter().map(|r| r.origin.clone()).collect();
     out["rulesInOrder"] = json!(considered);
-    match snap.routes.find(&host, &view) {
+    match snap.routes.find(host, &view) {
         None => {
             out["verdict"] = json!(
                 "no rule matched: Istio answers 404 (no route); plain service routing is NOT used when a VirtualService exists"
@@ -264,7 +264,7 @@ spec:
             namespace: "shop".into(),
             ..Query::default()
         };
-        explain(&snap(), &q, "cluster.local")
+        explain(&snap(), &q)
     }
 
     #[test]

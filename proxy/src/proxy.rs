@@ -241,11 +241,7 @@ impl Proxy {
             _ => None,
         };
         let (svc, svc_name, svc_ns) = match &service {
-            Some(s) => (
-                s.hostname(&self.cfg.cluster_domain),
-                s.name.clone(),
-                s.namespace.clone(),
-            ),
+            Some(s) => (s.hostname.clone(), s.name.clone(), s.namespace.clone()),
             None => ("unknown".into(), "unknown".into(), "unknown".into()),
         };
         Labels {
@@ -352,7 +348,7 @@ impl Proxy {
             if !matches!(detected, Detected::Http1 | Detected::Http2)
                 && let (Direction::Outbound, Target::Service { service, port }) = (dir, &target)
             {
-                let host = service.hostname(&self.cfg.cluster_domain);
+                let host = service.hostname.as_str();
                 let me = self.cfg.instance_ips.first().and_then(|ip| snap.workload(*ip));
                 let no_labels = std::collections::BTreeMap::new();
                 let view = crate::routing::ConnView {
@@ -362,7 +358,7 @@ impl Proxy {
                     source_labels: me.as_ref().map(|w| &w.labels).unwrap_or(&no_labels),
                     source_namespace: &self.cfg.pod_namespace,
                 };
-                if let Some(route) = snap.routes.find_l4(&host, &view)
+                if let Some(route) = snap.routes.find_l4(host, &view)
                     && let Some(d) = crate::routing::pick_weighted(&route.destinations, roll() % 100)
                 {
                     match snap.service_by_host(&d.host, &self.cfg.pod_namespace) {
@@ -534,7 +530,7 @@ impl Proxy {
         let mut applied: Option<Arc<crate::routing::HttpRoute>> = None;
         let mut rerouted: Option<Target> = None;
         if let (Direction::Outbound, Target::Service { service, port }) = (c.dir, &target) {
-            let host = service.hostname(&self.cfg.cluster_domain);
+            let host = service.hostname.as_str();
             let me = self
                 .cfg
                 .instance_ips
@@ -555,9 +551,9 @@ impl Proxy {
                     source_labels: me.as_ref().map(|w| &w.labels).unwrap_or(&no_labels),
                     source_namespace: &self.cfg.pod_namespace,
                 };
-                snap.routes.find(&host, &view)
+                snap.routes.find(host, &view)
             };
-            if found.is_none() && !snap.routes.routes(&host).is_empty() {
+            if found.is_none() && !snap.routes.routes(host).is_empty() {
                 // A VirtualService owns this host and no rule matched: Istio answers 404 (NR).
                 let mut labels = self.labels(&c, &snap, &target, "http");
                 labels.response_flags = "NR".into();
@@ -830,9 +826,7 @@ impl Proxy {
         header: &dyn Fn(&str) -> Option<String>,
     ) -> Result<SocketAddr, &'static str> {
         use crate::routing::LoadBalancer;
-        let rule = snap
-            .routes
-            .rule(&service.hostname(&self.cfg.cluster_domain));
+        let rule = snap.routes.rule(&service.hostname);
         let Some((labels, lb)) = crate::routing::resolve_destination(rule.as_deref(), subset, port)
         else {
             return Err("no healthy upstream (subset not defined by a DestinationRule)");

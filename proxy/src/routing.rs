@@ -201,6 +201,11 @@ impl HttpRoute {
     }
 }
 
+/// An optional string field.
+fn opt_str(v: &Value, key: &str) -> Option<String> {
+    v.get(key).and_then(Value::as_str).map(str::to_owned)
+}
+
 /// A `{key: value}` object of strings (labels); non-string values read as empty.
 fn string_map(v: Option<&Value>) -> BTreeMap<String, String> {
     v.and_then(Value::as_object)
@@ -305,10 +310,7 @@ fn compile_l4(
             port: port_field(m),
             destination_subnets: subnets,
             source_labels: string_map(m.get("sourceLabels")),
-            source_namespace: m
-                .get("sourceNamespace")
-                .and_then(Value::as_str)
-                .map(str::to_owned),
+            source_namespace: opt_str(m, "sourceNamespace"),
             sni_hosts: m
                 .get("sniHosts")
                 .and_then(Value::as_array)
@@ -573,15 +575,13 @@ impl Rule {
 
 /// The endpoint labels and load balancer for `subset` on `port` of a host whose DestinationRule
 /// (if any) is `rule`; `None` when a subset is asked for that no rule defines (Istio: 503).
-pub fn resolve_destination(
-    rule: Option<&Rule>,
+pub fn resolve_destination<'r>(
+    rule: Option<&'r Rule>,
     subset: Option<&str>,
     port: u16,
-) -> Option<(Option<BTreeMap<String, String>>, LoadBalancer)> {
+) -> Option<(Option<&'r BTreeMap<String, String>>, LoadBalancer)> {
     match rule {
-        Some(r) => r
-            .resolve(subset, port)
-            .map(|(labels, lb)| (labels.cloned(), lb)),
+        Some(r) => r.resolve(subset, port),
         None if subset.is_some() => None,
         None => Some((None, LoadBalancer::RoundRobin)),
     }
@@ -750,10 +750,7 @@ fn compile_match(m: &Value, field: &str) -> Result<Match, String> {
             .unwrap_or(false),
         port: port_field(m),
         source_labels: string_map(m.get("sourceLabels")),
-        source_namespace: m
-            .get("sourceNamespace")
-            .and_then(Value::as_str)
-            .map(str::to_owned),
+        source_namespace: opt_str(m, "sourceNamespace"),
     })
 }
 
@@ -776,11 +773,7 @@ fn compile_http(
     r: &Value,
     domain: &str,
 ) -> Result<HttpRoute, String> {
-    let name = r
-        .get("name")
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-        .unwrap_or_else(|| format!("http[{i}]"));
+    let name = opt_str(r, "name").unwrap_or_else(|| format!("http[{i}]"));
     let field = format!("{vs} {name}");
     let matches = r
         .get("match")
@@ -794,17 +787,14 @@ fn compile_http(
         .unwrap_or(Ok(vec![]))?;
     let action = if let Some(rd) = r.get("redirect") {
         Action::Redirect {
-            uri: rd.get("uri").and_then(Value::as_str).map(str::to_owned),
-            authority: rd
-                .get("authority")
-                .and_then(Value::as_str)
-                .map(str::to_owned),
+            uri: opt_str(rd, "uri"),
+            authority: opt_str(rd, "authority"),
             code: rd
                 .get("redirectCode")
                 .and_then(Value::as_u64)
                 .and_then(|c| u16::try_from(c).ok())
                 .unwrap_or(301),
-            scheme: rd.get("scheme").and_then(Value::as_str).map(str::to_owned),
+            scheme: opt_str(rd, "scheme"),
         }
     } else {
         let dests = r
