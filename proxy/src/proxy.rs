@@ -553,7 +553,7 @@ impl Proxy {
                 };
                 snap.routes.find(host, &view)
             };
-            if found.is_none() && !snap.routes.routes(host).is_empty() {
+            if found.is_none() && snap.routes.has_http_routes(host) {
                 // A VirtualService owns this host and no rule matched: Istio answers 404 (NR).
                 let mut labels = self.labels(&c, &snap, &target, "http");
                 labels.response_flags = "NR".into();

@@ -1061,6 +1061,11 @@ impl RouteTable {
             .unwrap_or_default()
     }
 
+    /// Whether a VirtualService gives this host `http[]` rules (then an unmatched request is 404).
+    pub fn has_http_routes(&self, host: &str) -> bool {
+        self.host_routes(host).is_some_and(|h| !h.routes.is_empty())
+    }
+
     /// The routes for a host: its exact entry, else the longest wildcard that covers it.
     fn host_routes(&self, host: &str) -> Option<&HostRoutes> {
         if let Some(r) = self.http.get(host) {
