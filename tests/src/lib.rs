@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 pub mod fake_apiserver;
+pub mod fixtures;
 pub mod jsondiff;
 pub mod netns;
 pub mod tls;

@@ -552,50 +552,26 @@ fn reviews(pair: &Pair, vs_http: &str) -> String {
 }
 
 fn reviews_yaml(n: u32, vs_http: &str) -> String {
-    format!(
-        r#"
-apiVersion: v1
-kind: Service
-metadata: {{name: reviews, namespace: default}}
-spec: {{clusterIP: 10.96.{n}.20, ports: [{{name: http, port: 9080, targetPort: 8080}}]}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: reviews-1, namespace: default, labels: {{kubernetes.io/service-name: reviews}}}}
-addressType: IPv4
-ports: [{{name: http, port: 8080}}]
-endpoints:
-- {{addresses: ["10.{n}.0.3"], conditions: {{ready: true}}, targetRef: {{kind: Pod, name: reviews-v1, namespace: default}}}}
-- {{addresses: ["10.{n}.0.4"], conditions: {{ready: true}}, targetRef: {{kind: Pod, name: reviews-v2, namespace: default}}}}
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: reviews-v1, namespace: default, labels: {{app: reviews, version: v1}}}}
-status: {{podIP: "10.{n}.0.3"}}
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: reviews-v2, namespace: default, labels: {{app: reviews, version: v2}}}}
-status: {{podIP: "10.{n}.0.4"}}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: reviews, namespace: default}}
-spec:
-  host: reviews
-  subsets:
-  - {{name: v1, labels: {{version: v1}}}}
-  - {{name: v2, labels: {{version: v2}}}}
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: reviews, namespace: default}}
-spec:
-  hosts: [reviews]
-  http:
-{vs_http}
-"#
-    )
+    use ferry_tests::fixtures::{endpoint_slice, pod, service, subsets_v1_v2};
+    let (v1, v2) = (format!("10.{n}.0.3"), format!("10.{n}.0.4"));
+    [
+        service("reviews", "default", &format!("10.96.{n}.20"), 9080, 8080),
+        endpoint_slice(
+            "reviews-1",
+            "default",
+            "reviews",
+            ("http", 8080),
+            &[(&v1, Some("reviews-v1")), (&v2, Some("reviews-v2"))],
+        ),
+        pod("reviews-v1", "default", "app: reviews, version: v1", &v1),
+        pod("reviews-v2", "default", "app: reviews, version: v2", &v2),
+        subsets_v1_v2("reviews", "default"),
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\n\
+metadata: {{name: reviews, namespace: default}}\nspec:\n  hosts: [reviews]\n  http:\n{vs_http}\n"
+        ),
+    ]
+    .join("---\n")
 }
 
 const REVIEWS_HTTP: &str = r#"  - match: [{headers: {end-user: {exact: jason}}}]

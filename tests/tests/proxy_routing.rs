@@ -26,67 +26,42 @@ const VIP: &str = "10.96.7.7";
 
 /// reviews v1 and v2 (pods by IP, labelled by version), ratings, and the given Istio YAML.
 fn registry(v1: SocketAddr, v2: SocketAddr, ratings: SocketAddr, istio: &str) -> String {
-    format!(
-        r#"
-apiVersion: v1
-kind: Service
-metadata: {{name: reviews, namespace: default}}
-spec: {{clusterIP: {VIP}, ports: [{{name: http, port: 9080, targetPort: {p1}}}]}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: reviews-1, namespace: default, labels: {{kubernetes.io/service-name: reviews}}}}
-addressType: IPv4
-ports: [{{name: http, port: {p1}}}]
-endpoints: [{{addresses: ["{ip1}"], conditions: {{ready: true}}}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: reviews-2, namespace: default, labels: {{kubernetes.io/service-name: reviews}}}}
-addressType: IPv4
-ports: [{{name: http, port: {p2}}}]
-endpoints: [{{addresses: ["{ip2}"], conditions: {{ready: true}}}}]
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: reviews-v1, namespace: default, labels: {{app: reviews, version: v1}}}}
-status: {{podIP: "{ip1}"}}
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: reviews-v2, namespace: default, labels: {{app: reviews, version: v2}}}}
-status: {{podIP: "{ip2}"}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: ratings, namespace: default}}
-spec: {{clusterIP: 10.96.7.8, ports: [{{name: http, port: 9080, targetPort: {p3}}}]}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: ratings-1, namespace: default, labels: {{kubernetes.io/service-name: ratings}}}}
-addressType: IPv4
-ports: [{{name: http, port: {p3}}}]
-endpoints: [{{addresses: ["{ip3}"], conditions: {{ready: true}}}}]
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: reviews, namespace: default}}
-spec:
-  host: reviews
-  subsets:
-  - {{name: v1, labels: {{version: v1}}}}
-  - {{name: v2, labels: {{version: v2}}}}
----
-{istio}
-"#,
-        p1 = v1.port(),
-        ip1 = v1.ip(),
-        p2 = v2.port(),
-        ip2 = v2.ip(),
-        p3 = ratings.port(),
-        ip3 = ratings.ip()
-    )
+    use ferry_tests::fixtures::{endpoint_slice, pod, service, subsets_v1_v2};
+    let (ip1, ip2, ip3) = (
+        v1.ip().to_string(),
+        v2.ip().to_string(),
+        ratings.ip().to_string(),
+    );
+    [
+        service("reviews", "default", VIP, 9080, v1.port()),
+        endpoint_slice(
+            "reviews-1",
+            "default",
+            "reviews",
+            ("http", v1.port()),
+            &[(&ip1, None)],
+        ),
+        endpoint_slice(
+            "reviews-2",
+            "default",
+            "reviews",
+            ("http", v2.port()),
+            &[(&ip2, None)],
+        ),
+        pod("reviews-v1", "default", "app: reviews, version: v1", &ip1),
+        pod("reviews-v2", "default", "app: reviews, version: v2", &ip2),
+        service("ratings", "default", "10.96.7.8", 9080, ratings.port()),
+        endpoint_slice(
+            "ratings-1",
+            "default",
+            "ratings",
+            ("http", ratings.port()),
+            &[(&ip3, None)],
+        ),
+        subsets_v1_v2("reviews", "default"),
+        istio.to_owned(),
+    ]
+    .join("---\n")
 }
 
 async fn start(istio: &str, name: &str) -> (P, SocketAddr, [SocketAddr; 3]) {
