@@ -26,6 +26,10 @@ pub struct Labels {
     pub response_code: String,
     pub response_flags: String,
     pub connection_security_policy: String,
+    /// The workloads' `version` (or `app.kubernetes.io/version`) label: what a canary split
+    /// is read by.
+    pub source_version: String,
+    pub destination_version: String,
 }
 
 pub struct Metrics {

@@ -244,6 +244,24 @@ impl Proxy {
             Some(s) => (s.hostname.clone(), s.name.clone(), s.namespace.clone()),
             None => ("unknown".into(), "unknown".into(), "unknown".into()),
         };
+        let own_version = || {
+            self.cfg
+                .instance_ips
+                .iter()
+                .find_map(|ip| snap.workload(*ip))
+                .map_or_else(|| "unknown".into(), |w| version_of(&w))
+        };
+        let (source_version, destination_version) = match (c.dir, target) {
+            (Direction::Outbound, Target::Pod { workload, .. }) => {
+                (own_version(), version_of(workload))
+            }
+            (Direction::Outbound, _) => (own_version(), "unknown".into()),
+            (Direction::Inbound, _) => (
+                snap.workload(c.peer.ip())
+                    .map_or_else(|| "unknown".into(), |w| version_of(&w)),
+                own_version(),
+            ),
+        };
         Labels {
             reporter: c.dir.reporter().into(),
             source_canonical_service: src.0.clone(),
@@ -259,6 +277,8 @@ impl Proxy {
             response_code: String::new(),
             response_flags: "-".into(),
             connection_security_policy: "none".into(),
+            source_version,
+            destination_version,
         }
     }
 
@@ -270,6 +290,7 @@ impl Proxy {
             labels.destination_workload = w.name.clone();
             labels.destination_canonical_service = w.name.clone();
             labels.destination_workload_namespace = w.namespace.clone();
+            labels.destination_version = version_of(&w);
         }
     }
 
@@ -1041,4 +1062,14 @@ fn edit_headers(h: &mut hyper::HeaderMap, ops: &crate::routing::HeaderOps) {
 
 fn req_line(req: &Request<Incoming>) -> String {
     format!("{} {} {:?}", req.method(), req.uri().path(), req.version())
+}
+
+/// Istio's `*_version` metric label: the workload's `version` label, else
+/// `app.kubernetes.io/version`, else "unknown".
+fn version_of(w: &crate::discovery::Workload) -> String {
+    w.labels
+        .get("version")
+        .or_else(|| w.labels.get("app.kubernetes.io/version"))
+        .cloned()
+        .unwrap_or_else(|| "unknown".into())
 }

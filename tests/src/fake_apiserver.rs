@@ -4,6 +4,11 @@
 //! `BOOKMARK`s when asked, `timeoutSeconds`), `410 Gone` as an `ERROR` event once the requested
 //! version has been compacted away, namespaced and cluster-wide paths, GET/POST/DELETE of single
 //! objects, and 404 `Status` for resources it does not serve.
+//!
+//! Writes follow the real verbs: POST creates (409 `AlreadyExists` if present), PUT replaces
+//! (404 if absent), PATCH applies a JSON merge patch. An optional admission hook sees every
+//! create and update first (the lab uses it for the mutating webhook, ClusterIP allocation and
+//! namespace checks), and may change the object or refuse it with a `Status`.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -20,6 +25,17 @@ use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 
 type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// Admission: `(new object, old object if this is an update)` → the object to store, or a
+/// `Status` object (with `code`) refusing it.
+pub type Admit = Arc<
+    dyn Fn(
+            Value,
+            Option<Value>,
+        ) -> std::pin::Pin<Box<dyn Future<Output = Result<Value, Value>> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// A resource type the server serves.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -85,9 +101,13 @@ pub struct FakeApiServer {
     state: Arc<Mutex<State>>,
     events: broadcast::Sender<Event>,
     pub bookmark_interval: Duration,
+    admit: Arc<Mutex<Option<Admit>>>,
+    /// The latest resourceVersion, for in-process observers (controllers).
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
-fn status(code: u16, reason: &str, message: &str) -> Value {
+/// A failure `Status` object as the API server returns it.
+pub fn status(code: u16, reason: &str, message: &str) -> Value {
     json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message, "reason": reason, "code": code})
 }
 
@@ -228,7 +248,103 @@ impl FakeApiServer {
             })),
             events,
             bookmark_interval: Duration::from_millis(500),
+            admit: Arc::new(Mutex::new(None)),
+            changed: tokio::sync::watch::channel(1).0,
         }
+    }
+
+    /// Install the admission hook for creates and updates that arrive over HTTP (and through
+    /// [`FakeApiServer::create`]).
+    pub fn set_admission(&self, admit: Admit) {
+        *self.admit.lock().expect("admit") = Some(admit);
+    }
+
+    /// Notified with the new resourceVersion after every change.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// One stored object.
+    pub fn get(&self, kind: &str, namespace: &str, name: &str) -> Option<Value> {
+        let st = self.state.lock().expect("state");
+        st.objects
+            .get(&(kind.to_owned(), namespace.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
+    /// Every stored object of a kind (all namespaces), in (namespace, name) order.
+    pub fn list_kind(&self, kind: &str) -> Vec<Value> {
+        let st = self.state.lock().expect("state");
+        st.objects
+            .iter()
+            .filter(|((k, _, _), _)| k == kind)
+            .map(|(_, o)| o.clone())
+            .collect()
+    }
+
+    /// Change a stored object in place (e.g. a controller writing `status`); a change event is
+    /// emitted only if `f` actually changed it. Returns whether the object exists.
+    pub fn update(
+        &self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+        f: impl FnOnce(&mut Value),
+    ) -> bool {
+        let Some(mut obj) = self.get(kind, namespace, name) else {
+            return false;
+        };
+        let before = obj.clone();
+        f(&mut obj);
+        if obj != before {
+            self.apply(obj);
+        }
+        true
+    }
+
+    async fn admitted(&self, obj: Value, old: Option<Value>) -> Result<Value, Value> {
+        let admit = self.admit.lock().expect("admit").clone();
+        match admit {
+            Some(a) => a(obj, old).await,
+            None => Ok(obj),
+        }
+    }
+
+    /// Create through admission: 409 if the object exists. Returns the stored object.
+    pub async fn create(&self, mut obj: Value) -> Result<Value, Value> {
+        let key = key_of(&obj);
+        if self.get(&key.0, &key.1, &key.2).is_some() {
+            return Err(status(
+                409,
+                "AlreadyExists",
+                &format!("{} {:?} already exists", key.0.to_lowercase(), key.2),
+            ));
+        }
+        obj["metadata"]["creationTimestamp"] = json!(now_rfc3339());
+        let obj = self.admitted(obj, None).await?;
+        self.apply(obj.clone());
+        Ok(self.get(&key.0, &key.1, &key.2).unwrap_or(obj))
+    }
+
+    /// Replace through admission: 404 if the object does not exist. Identity and creation
+    /// metadata are kept from the stored object, as the API server does.
+    pub async fn replace(&self, mut obj: Value) -> Result<Value, Value> {
+        let key = key_of(&obj);
+        let Some(old) = self.get(&key.0, &key.1, &key.2) else {
+            return Err(status(
+                404,
+                "NotFound",
+                &format!("{} {:?} not found", key.0.to_lowercase(), key.2),
+            ));
+        };
+        for f in ["uid", "creationTimestamp"] {
+            if let Some(v) = old["metadata"].get(f) {
+                obj["metadata"][f] = v.clone();
+            }
+        }
+        let obj = self.admitted(obj, Some(old)).await?;
+        self.apply(obj.clone());
+        Ok(self.get(&key.0, &key.1, &key.2).unwrap_or(obj))
     }
 
     /// Create or update an object (by kind/namespace/name); returns its new resourceVersion.
@@ -266,6 +382,8 @@ impl FakeApiServer {
         };
         st.log.push(ev.clone());
         let _ = self.events.send(ev);
+        drop(st);
+        let _ = self.changed.send(rv);
         rv
     }
 
@@ -288,6 +406,8 @@ impl FakeApiServer {
         };
         st.log.push(ev.clone());
         let _ = self.events.send(ev);
+        drop(st);
+        let _ = self.changed.send(rv);
         true
     }
 
@@ -496,40 +616,40 @@ impl FakeApiServer {
                 })
             }
             (Method::POST, None) => {
-                let body = req
-                    .into_body()
-                    .collect()
-                    .await
-                    .map(|b| b.to_bytes())
-                    .unwrap_or_default();
-                let Ok(mut obj) = serde_json::from_slice::<Value>(&body) else {
+                let obj = match body_json(req).await {
+                    Ok(o) => o,
+                    Err(r) => return Ok(r),
+                };
+                let obj = self.with_target(&t, obj);
+                Ok(result(StatusCode::CREATED, self.create(obj).await))
+            }
+            (Method::PUT, Some(name)) => {
+                let obj = match body_json(req).await {
+                    Ok(o) => o,
+                    Err(r) => return Ok(r),
+                };
+                let mut obj = self.with_target(&t, obj);
+                obj["metadata"]["name"] = json!(name);
+                Ok(result(StatusCode::OK, self.replace(obj).await))
+            }
+            (Method::PATCH, Some(name)) => {
+                let ns = t.namespace.clone().unwrap_or_default();
+                let Some(mut obj) = self.get(&t.kind.kind, &ns, name) else {
                     return Ok(respond(
-                        StatusCode::BAD_REQUEST,
-                        &status(400, "BadRequest", "not JSON"),
+                        StatusCode::NOT_FOUND,
+                        &status(
+                            404,
+                            "NotFound",
+                            &format!("{} {name:?} not found", t.kind.plural),
+                        ),
                     ));
                 };
-                if let Some(ns) = &t.namespace {
-                    obj["metadata"]["namespace"] = json!(ns);
-                }
-                obj["kind"] = json!(t.kind.kind);
-                self.apply(obj.clone());
-                let key = (
-                    t.kind.kind.clone(),
-                    obj["metadata"]["namespace"]
-                        .as_str()
-                        .unwrap_or("")
-                        .to_owned(),
-                    obj["metadata"]["name"].as_str().unwrap_or("").to_owned(),
-                );
-                let stored = self
-                    .state
-                    .lock()
-                    .expect("state")
-                    .objects
-                    .get(&key)
-                    .cloned()
-                    .unwrap_or(obj);
-                Ok(respond(StatusCode::CREATED, &stored))
+                let patch = match body_json(req).await {
+                    Ok(o) => o,
+                    Err(r) => return Ok(r),
+                };
+                json_patch::merge(&mut obj, &patch);
+                Ok(result(StatusCode::OK, self.replace(obj).await))
             }
             (Method::DELETE, Some(name)) => {
                 let ok = self.delete(&t.kind.kind, t.namespace.as_deref().unwrap_or(""), name);
@@ -562,15 +682,43 @@ impl FakeApiServer {
                 let Ok((s, _)) = listener.accept().await else {
                     continue;
                 };
-                let this = this.clone();
-                conns.spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| this.clone().handle(req));
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
-                });
+                conns.spawn(this.clone().serve_conn(s));
             }
         })
+    }
+
+    /// Serve on a Unix socket (the lab's command line talks to its API server this way, so the
+    /// host's network namespace is never touched).
+    pub fn serve_unix(&self, listener: tokio::net::UnixListener) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((s, _)) = listener.accept().await else {
+                    continue;
+                };
+                conns.spawn(this.clone().serve_conn(s));
+            }
+        })
+    }
+
+    async fn serve_conn<S>(self, s: S)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let svc = hyper::service::service_fn(move |req| self.clone().handle(req));
+        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(s), svc)
+            .await;
+    }
+
+    /// The body's object with the path's namespace and kind filled in.
+    fn with_target(&self, t: &Target, mut obj: Value) -> Value {
+        if let Some(ns) = &t.namespace {
+            obj["metadata"]["namespace"] = json!(ns);
+        }
+        obj["kind"] = json!(t.kind.kind);
+        obj
     }
 
     /// Bind 127.0.0.1:0 (or a given address) and serve.
@@ -607,4 +755,89 @@ fn tokio_stream_from(
         }
     }
     S(rx)
+}
+
+fn key_of(obj: &Value) -> (String, String, String) {
+    let s = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+    (
+        s(&obj["kind"]),
+        s(&obj["metadata"]["namespace"]),
+        s(&obj["metadata"]["name"]),
+    )
+}
+
+async fn body_json(req: Request<Incoming>) -> Result<Value, Response<Body>> {
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let obj: Value = serde_json::from_slice(&body).map_err(|e| {
+        respond(
+            StatusCode::BAD_REQUEST,
+            &status(400, "BadRequest", &format!("request body is not JSON: {e}")),
+        )
+    })?;
+    if !obj.is_object() || obj["metadata"]["name"].as_str().is_none_or(str::is_empty) {
+        return Err(respond(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &status(422, "Invalid", "metadata.name: Required value"),
+        ));
+    }
+    Ok(obj)
+}
+
+fn result(ok: StatusCode, r: Result<Value, Value>) -> Response<Body> {
+    match r {
+        Ok(v) => respond(ok, &v),
+        Err(st) => {
+            let code = st["code"]
+                .as_u64()
+                .and_then(|c| StatusCode::from_u16(c as u16).ok())
+                .unwrap_or(StatusCode::BAD_REQUEST);
+            respond(code, &st)
+        }
+    }
+}
+
+/// Now as RFC 3339 (UTC, seconds), without a date library.
+pub fn now_rfc3339() -> String {
+    rfc3339(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    )
+}
+
+/// Seconds since the epoch as RFC 3339 (UTC).
+pub fn rfc3339(secs: u64) -> String {
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(super::rfc3339(1_795_478_399), "2026-11-23T23:59:59Z");
+    }
 }

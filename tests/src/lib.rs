@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 pub mod fake_apiserver;
 pub mod fixtures;
 pub mod jsondiff;
+pub mod lab;
 pub mod netns;
 pub mod tls;
 pub mod upstream;
