@@ -87,10 +87,12 @@ fn review(api_version: &str, response: Value) -> Vec<u8> {
     .unwrap_or_else(|_| b"{}".to_vec())
 }
 
+/// A refusal. The reason goes in `response.status` (the wire name of AdmissionResponse's
+/// `Result`), which is what the API server shows the user.
 fn deny(api_version: &str, uid: &str, message: String, verdict: Verdict) -> Answer {
     let body = review(
         api_version,
-        json!({"uid": uid, "allowed": false, "result": {"message": message.clone(), "code": 400}}),
+        json!({"uid": uid, "allowed": false, "status": {"message": message.clone(), "code": 400}}),
     );
     Answer {
         status: 200,

@@ -431,7 +431,7 @@ fn webhook_http_contract() {
                 if skipped == resp["response"].get("patch").is_some() {
                     failures.push(format!("{name}: patch presence wrong: {resp}"));
                 }
-            } else if resp["response"]["result"]["message"]
+            } else if resp["response"]["status"]["message"]
                 .as_str()
                 .is_none_or(str::is_empty)
             {

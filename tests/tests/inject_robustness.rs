@@ -108,7 +108,7 @@ fn fuzzed_reviews_never_500_or_panic() {
             assert!(v["response"]["allowed"].is_boolean(), "case {i}: {v}");
             if v["response"]["allowed"] == false {
                 assert!(
-                    v["response"]["result"]["message"]
+                    v["response"]["status"]["message"]
                         .as_str()
                         .is_some_and(|m| !m.is_empty()),
                     "case {i}: a refusal says why"

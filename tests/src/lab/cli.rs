@@ -232,20 +232,15 @@ pub async fn apply(
             409 => {
                 let path = format!("{coll}/{name}");
                 let cur = api.get(&path).await?;
-                let unchanged = ["spec", "metadata"].iter().all(|f| {
-                    let mut a = obj[*f].clone();
-                    let mut b = cur[*f].clone();
-                    if *f == "metadata" {
-                        a = serde_json::json!([a["labels"], a["annotations"]]);
-                        b = serde_json::json!([b["labels"], b["annotations"]]);
-                    }
-                    if *f == "spec" && kind == "Service" {
-                        b["clusterIP"] = a["clusterIP"].clone();
-                        b["clusterIPs"] = a["clusterIPs"].clone();
-                        b["type"] = a["type"].clone();
-                    }
-                    model::same_content(&a, &b) || (a.is_null() && b.is_null())
-                }) && obj.get("webhooks") == cur.get("webhooks");
+                // Unchanged if everything the file says is already so (server-filled fields
+                // such as a ClusterIP or added labels do not count as changes).
+                let unchanged = is_subset(&obj["spec"], &cur["spec"])
+                    && is_subset(&obj["metadata"]["labels"], &cur["metadata"]["labels"])
+                    && is_subset(
+                        &obj["metadata"]["annotations"],
+                        &cur["metadata"]["annotations"],
+                    )
+                    && is_subset(&obj["webhooks"], &cur["webhooks"]);
                 if unchanged || (kind == "Pod" && same_user_pod(&obj, &cur)) {
                     Ok("unchanged")
                 } else {
@@ -277,6 +272,22 @@ pub async fn apply(
         Ok(out.join("\n"))
     } else {
         Err(LabError::Api(out.join("\n")))
+    }
+}
+
+/// Whether `a` says nothing that `b` does not (objects: every key of `a`, recursively; arrays:
+/// element by element; `null` in `a` says nothing).
+fn is_subset(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Null, _) => true,
+        (Value::Object(x), Value::Object(y)) => x
+            .iter()
+            .all(|(k, v)| v.is_null() || y.get(k).is_some_and(|w| is_subset(v, w))),
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(p, q)| is_subset(p, q))
+        }
+        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+        _ => a == b,
     }
 }
 
@@ -806,5 +817,54 @@ pub async fn wait_ready(
             )));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn server_filled_fields_are_not_changes() {
+        let applied = json!({"selector": {"app": "a"}, "ports": [{"port": 80}]});
+        let stored = json!({"selector": {"app": "a"}, "ports": [{"port": 80, "protocol": "TCP"}], "clusterIP": "10.96.0.11"});
+        assert!(is_subset(&applied, &stored));
+        assert!(!is_subset(&json!({"ports": [{"port": 81}]}), &stored));
+        assert!(!is_subset(
+            &json!({"ports": [{"port": 80}, {"port": 81}]}),
+            &stored
+        ));
+        assert!(!is_subset(&json!({"type": "NodePort"}), &stored));
+        assert!(is_subset(
+            &json!({"replicas": 2}),
+            &json!({"replicas": 2.0})
+        ));
+    }
+
+    #[test]
+    fn pod_status_reads_like_kubectl() {
+        let pod = |st: Value| json!({"spec": {"initContainers": [{"name": "istio-init"}, {"name": "istio-proxy", "restartPolicy": "Always"}]}, "status": st});
+        assert_eq!(
+            pod_status_text(&pod(json!({"phase": "Pending"}))),
+            "Init:0/2"
+        );
+        assert_eq!(
+            pod_status_text(&pod(
+                json!({"phase": "Pending", "initContainerStatuses": [{"state": {"terminated": {"exitCode": 1}}}]})
+            )),
+            "Init:Error"
+        );
+        assert_eq!(
+            pod_status_text(&pod(
+                json!({"phase": "Running", "initContainerStatuses": [{"state": {"terminated": {"exitCode": 0}}}, {"started": true, "state": {"running": {}}}],
+                "containerStatuses": [{"state": {"waiting": {"reason": "CrashLoopBackOff"}}}]})
+            )),
+            "CrashLoopBackOff"
+        );
+        assert_eq!(
+            pod_status_text(&pod(json!({"phase": "Succeeded"}))),
+            "Succeeded"
+        );
     }
 }

@@ -104,16 +104,18 @@ fn indent(text: &str, prefix: &str) -> String {
     text.lines().map(|l| format!("{prefix}{l}\n")).collect()
 }
 
-/// Send `n` requests from the client pod (through its sidecar) and return the tally.
+/// Send `n` requests to `url` from a pod (through its sidecar, if it has one) and return the
+/// tally.
 pub async fn load_from(
     lab: &Lab,
     ns: &str,
     client: &str,
+    url: &str,
     n: u64,
     headers: &[&str],
 ) -> Result<Tally, LabError> {
     let count = n.to_string();
-    let mut cmd = vec!["ferry-lab", "http", "http://app/", "-n", &count, "--json"];
+    let mut cmd = vec!["ferry-lab", "http", url, "-n", &count, "--json"];
     for h in headers {
         cmd.extend(["-H", h]);
     }
@@ -218,7 +220,7 @@ async fn scenario(lab: &Lab) -> Result<(), LabError> {
     );
     wait_for_routes(lab, ns, &client, "weight").await?;
     println!("   1,000 requests from {client} to http://app/ (through its sidecar):");
-    let t = load_from(lab, ns, &client, 1000, &[]).await?;
+    let t = load_from(lab, ns, &client, "http://app/", 1000, &[]).await?;
     print!(
         "{}",
         split_table(&t, &BTreeMap::from([("v1", 90), ("v2", 10)]))
@@ -300,10 +302,10 @@ async fn scenario(lab: &Lab) -> Result<(), LabError> {
         )
     );
     wait_for_routes(lab, ns, &client, "jason").await?;
-    let jason = load_from(lab, ns, &client, 200, &["end-user: jason"]).await?;
+    let jason = load_from(lab, ns, &client, "http://app/", 200, &["end-user: jason"]).await?;
     println!("   200 requests with end-user: jason");
     print!("{}", split_table(&jason, &BTreeMap::from([("v2", 100)])));
-    let others = load_from(lab, ns, &client, 200, &[]).await?;
+    let others = load_from(lab, ns, &client, "http://app/", 200, &[]).await?;
     println!("   200 requests without the header");
     print!("{}", split_table(&others, &BTreeMap::from([("v1", 100)])));
 
@@ -340,7 +342,12 @@ async fn scenario(lab: &Lab) -> Result<(), LabError> {
 
 /// Wait until the client's sidecar has the VirtualService's latest routes (its config dump
 /// mentions `needle`).
-async fn wait_for_routes(lab: &Lab, ns: &str, client: &str, needle: &str) -> Result<(), LabError> {
+pub async fn wait_for_routes(
+    lab: &Lab,
+    ns: &str,
+    client: &str,
+    needle: &str,
+) -> Result<(), LabError> {
     let started = Instant::now();
     loop {
         let out = cli::exec_output(
