@@ -346,6 +346,86 @@ fn lab_runs_the_mesh_like_a_cluster() {
         let split_v2 = *t.by_version.get("v2").unwrap_or(&0);
         assert_eq!(count("v2"), split_v2 + 100, "v2 requests counted");
         assert_eq!(count("v1"), 1000 - split_v2 + 100, "v1 requests counted");
+
+        // A Job-like pod (restartPolicy Never) in the mesh: its one request goes through the
+        // sidecar, and when the app container is done the native sidecar stops too, so the Pod
+        // completes instead of running forever.
+        let job = r#"apiVersion: v1
+kind: Pod
+metadata: {name: one-shot, namespace: canary}
+spec:
+  restartPolicy: Never
+  containers: [{name: task, image: busybox, command: [ferry-lab, http, "http://app/job"]}]
+"#;
+        cli::apply(lab, job, "job.yaml", "canary")
+            .await
+            .expect("job");
+        let started = std::time::Instant::now();
+        let done = loop {
+            let p = cli::get_one(lab, "pods", "one-shot", "canary")
+                .await
+                .expect("job pod");
+            let sidecar_done = p["status"]["initContainerStatuses"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["name"] == "istio-proxy" && c["state"]["terminated"].is_object());
+            if p["status"]["phase"] == "Succeeded" && sidecar_done {
+                break p;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "job never completed: {p}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert!(injected(&done));
+        let log = cli::logs(lab, "one-shot", "canary", None)
+            .await
+            .expect("job log");
+        assert!(
+            log.contains("\"path\":\"/job\""),
+            "the job's request went through: {log}"
+        );
+
+        // The command line itself, as a user runs it.
+        let out = std::process::Command::new(lab.bin("ferry-lab"))
+            .args(["--name", &lab.name, "get", "pods", "-n", "canary"])
+            .output()
+            .expect("ferry-lab get");
+        let table = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            table
+                .lines()
+                .any(|l| l.starts_with(&client) && l.contains("2/2") && l.contains("Running")),
+            "{table}"
+        );
+        assert!(
+            table.contains("one-shot") && table.contains("Succeeded"),
+            "{table}"
+        );
+
+        // Deleting a namespace deletes its pods, and the kubelet removes their sandboxes.
+        let plain_ns: Vec<String> = ["plain-client", "opted-in"]
+            .iter()
+            .filter_map(|p| lab.netns_of(&plain[*p]))
+            .collect();
+        cli::delete(lab, "ns", "plain", "")
+            .await
+            .expect("delete ns");
+        let started = std::time::Instant::now();
+        while plain_ns.iter().any(|n| net::netns_list().contains(n))
+            || !cli::list(lab, "pods", Some("plain"))
+                .await
+                .expect("list")
+                .is_empty()
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "namespace plain not cleaned up"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     });
 
     // Down leaves nothing behind.

@@ -794,8 +794,8 @@ fn kubelet_sync(ctx: &Arc<Ctx>) {
         }
     }
     for (uid, pod) in pods {
-        if !running.contains_key(&uid) {
-            running.insert(uid, kubelet::start(ctx.clone(), pod));
-        }
+        running
+            .entry(uid)
+            .or_insert_with(|| kubelet::start(ctx.clone(), pod));
     }
 }

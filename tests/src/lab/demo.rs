@@ -327,7 +327,7 @@ async fn scenario(lab: &Lab) -> Result<(), LabError> {
         .filter(|l| l.starts_with("istio_requests_total"))
     {
         let short: Vec<&str> = l
-            .split(|c| c == '{' || c == '}' || c == ',')
+            .split(['{', '}', ','])
             .filter(|kv| {
                 kv.starts_with("destination_version")
                     || kv.starts_with("response_code")

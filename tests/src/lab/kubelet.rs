@@ -17,12 +17,15 @@ use super::daemon::Ctx;
 use super::model::{self, ProcessPlan, Program};
 use super::{NODE_IP, net};
 
+/// (netns, namespace, pod name, IP): where a Pod's hosts file goes and what it is about.
+pub type DnsTarget = (String, String, String, Ipv4Addr);
+
 /// A running Pod's handle in the kubelet.
 pub struct PodRuntime {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     /// (netns, namespace, pod name, IP) once the sandbox exists.
-    info: Arc<Mutex<Option<(String, String, String, Ipv4Addr)>>>,
+    info: Arc<Mutex<Option<DnsTarget>>>,
 }
 
 impl PodRuntime {
@@ -35,7 +38,7 @@ impl PodRuntime {
     }
 
     /// Where this Pod's hosts file goes, and what it is about.
-    pub fn dns_target(&self) -> Option<(String, String, String, Ipv4Addr)> {
+    pub fn dns_target(&self) -> Option<DnsTarget> {
         self.info.lock().expect("info").clone()
     }
 }
@@ -100,7 +103,7 @@ fn program_lookup(ctx: &Ctx) -> impl Fn(&str) -> Option<String> + '_ {
 async fn run_pod(
     ctx: Arc<Ctx>,
     pod: Value,
-    info: Arc<Mutex<Option<(String, String, String, Ipv4Addr)>>>,
+    info: Arc<Mutex<Option<DnsTarget>>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let ns = pod["metadata"]["namespace"]
@@ -387,16 +390,26 @@ async fn run_to_completion(p: &PodCtx, ctr: &Ctr) -> Result<i32, String> {
     Ok(st.code().unwrap_or(128))
 }
 
-async fn terminate(child: &mut tokio::process::Child, grace: Duration) {
+/// SIGTERM, then SIGKILL after the grace period; the exit code as Kubernetes reports it
+/// (128 + signal when killed by one).
+async fn terminate(child: &mut tokio::process::Child, grace: Duration) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
     if let Some(pid) = child.id() {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),
             nix::sys::signal::Signal::SIGTERM,
         );
     }
-    if tokio::time::timeout(grace, child.wait()).await.is_err() {
-        let _ = child.kill().await;
-    }
+    let status = match tokio::time::timeout(grace, child.wait()).await {
+        Ok(st) => st.ok(),
+        Err(_) => {
+            let _ = child.kill().await;
+            child.wait().await.ok()
+        }
+    };
+    status.map_or(137, |s| {
+        s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(9))
+    })
 }
 
 /// Keep a container running per the restart policy, with the kubelet's doubling back-off.
@@ -424,10 +437,12 @@ async fn supervise(p: Arc<PodCtx>, ctr: Arc<Ctr>, policy: String, mut stop: watc
                 let st = tokio::select! {
                     st = child.wait() => st.ok(),
                     _ = stop.changed() => {
-                        terminate(&mut child, p.grace).await;
+                        let code = terminate(&mut child, p.grace).await;
                         let mut s = ctr.state.lock().expect("state");
                         s.running = false;
                         s.ready = false;
+                        s.exit = Some(code);
+                        s.finished = true;
                         return;
                     }
                 };

@@ -242,7 +242,7 @@ pub fn prepare(doc: Value, default_ns: &str) -> Result<(Value, Vec<String>), Lab
         _ => None,
     };
     if let Some(spec) = spec {
-        if !spec["containers"].as_array().is_some_and(|c| !c.is_empty()) {
+        if spec["containers"].as_array().is_none_or(|c| c.is_empty()) {
             return Err(LabError::Invalid(format!(
                 "{kind} {name}: spec.containers: Required value (at least one container)"
             )));
@@ -1265,6 +1265,21 @@ spec:
             "{h}"
         );
         assert!(h.contains("10.244.0.7\tclient-1\n"));
+        let headless = yaml("metadata: {name: db, namespace: canary}\nspec: {clusterIP: None}");
+        let slice = json!({"metadata": {"namespace": "canary", "labels": {"kubernetes.io/service-name": "db"}},
+            "endpoints": [{"addresses": ["10.244.0.8"], "conditions": {"ready": true}}, {"addresses": ["10.244.0.9"], "conditions": {"ready": false}}]});
+        let h = hosts_file(
+            "canary",
+            "c",
+            Ipv4Addr::new(10, 244, 0, 7),
+            &[headless],
+            &[slice],
+        );
+        assert!(
+            h.contains("10.244.0.8\tdb.canary.svc.cluster.local db.canary.svc db.canary db\n"),
+            "{h}"
+        );
+        assert!(!h.contains("10.244.0.9"), "not-ready endpoint: {h}");
     }
 
     #[test]
