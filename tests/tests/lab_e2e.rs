@@ -268,6 +268,22 @@ fn lab_runs_the_mesh_like_a_cluster() {
             .expect("others");
         assert_eq!(others.by_version.get("v1"), Some(&100), "{others:?}");
 
+        // HTTP/2 (prior knowledge) through both sidecars.
+        let answer = exec_stdout(
+            lab,
+            &client,
+            "canary",
+            None,
+            &["ferry-lab", "http", "--http2", "http://app/h2"],
+        )
+        .await;
+        let v: Value = serde_json::from_str(answer.trim()).expect("h2 echo json");
+        assert_eq!(
+            (v["path"].as_str(), v["protocol"].as_str()),
+            (Some("/h2"), Some("HTTP/2.0")),
+            "{answer}"
+        );
+
         // A pod without a sidecar reaches meshed pods through kube-proxy's DNAT; the meshed
         // pod's sidecar delivers it (the app sees 127.0.0.6).
         let answer = exec_stdout(
@@ -342,10 +358,11 @@ fn lab_runs_the_mesh_like_a_cluster() {
                 .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
                 .sum()
         };
-        // 1,000 split + 100 as jason (v2) + 100 others (v1), each counted once by version.
+        // 1,000 split + 100 as jason (v2) + 100 others and one HTTP/2 request (v1), each
+        // counted once by version.
         let split_v2 = *t.by_version.get("v2").unwrap_or(&0);
         assert_eq!(count("v2"), split_v2 + 100, "v2 requests counted");
-        assert_eq!(count("v1"), 1000 - split_v2 + 100, "v1 requests counted");
+        assert_eq!(count("v1"), 1000 - split_v2 + 101, "v1 requests counted");
 
         // A Job-like pod (restartPolicy Never) in the mesh: its one request goes through the
         // sidecar, and when the app container is done the native sidecar stops too, so the Pod

@@ -123,6 +123,9 @@ enum Cmd {
         /// Print the tally as JSON
         #[arg(long)]
         json: bool,
+        /// HTTP/2 with prior knowledge (h2c)
+        #[arg(long)]
+        http2: bool,
     },
     /// Send one line over TCP and print the answer's first line
     Tcp { target: String, line: String },
@@ -261,6 +264,7 @@ fn run(args: Args) -> Result<Option<String>, LabError> {
             count,
             headers,
             json,
+            http2,
         } => {
             let headers = headers
                 .iter()
@@ -272,7 +276,7 @@ fn run(args: Args) -> Result<Option<String>, LabError> {
                         })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let t = runtime()?.block_on(echo::load(&url, count, &headers))?;
+            let t = runtime()?.block_on(echo::load_with(&url, count, &headers, http2))?;
             if json {
                 return Ok(Some(serde_json::to_string(&t).unwrap_or_default()));
             }

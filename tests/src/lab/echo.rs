@@ -165,6 +165,16 @@ pub struct Tally {
 /// Send `n` GETs to `url` (http://host[:port]/path) over one keep-alive connection
 /// (reconnecting after errors), tallying answers by the echo servers' version and pod.
 pub async fn load(url: &str, n: u64, headers: &[(String, String)]) -> Result<Tally, LabError> {
+    load_with(url, n, headers, false).await
+}
+
+/// [`load`], over HTTP/2 with prior knowledge (h2c) when `http2`.
+pub async fn load_with(
+    url: &str,
+    n: u64,
+    headers: &[(String, String)],
+    http2: bool,
+) -> Result<Tally, LabError> {
     let rest = url
         .strip_prefix("http://")
         .ok_or_else(|| LabError::Invalid(format!("{url}: only http:// URLs are supported")))?;
@@ -183,31 +193,45 @@ pub async fn load(url: &str, n: u64, headers: &[(String, String)]) -> Result<Tal
         .next()
         .ok_or_else(|| LabError::Invalid(format!("{target} did not resolve")))?;
     let mut tally = Tally::default();
-    let mut sender: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>> = None;
+    let mut sender: Option<Sender> = None;
     for _ in 0..n {
         tally.requests += 1;
         let result = async {
-            if sender.as_ref().is_none_or(|s| s.is_closed()) {
+            if sender.as_ref().is_none_or(Sender::is_closed) {
                 let s = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
                     .await
                     .map_err(|_| "connect timed out".to_owned())?
                     .map_err(|e| format!("connect {addr}: {e}"))?;
-                let (tx, c) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+                sender = Some(if http2 {
+                    let (tx, c) = hyper::client::conn::http2::handshake(
+                        TokioExecutor::new(),
+                        TokioIo::new(s),
+                    )
                     .await
                     .map_err(|e| e.to_string())?;
-                tokio::spawn(c);
-                sender = Some(tx);
+                    tokio::spawn(c);
+                    Sender::H2(tx)
+                } else {
+                    let (tx, c) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    tokio::spawn(c);
+                    Sender::H1(tx)
+                });
             }
             let tx = sender.as_mut().ok_or("no connection")?;
-            tx.ready().await.map_err(|e| e.to_string())?;
-            let mut req = Request::get(path).header("host", authority);
+            let mut req = if http2 {
+                Request::get(format!("http://{authority}{path}"))
+            } else {
+                Request::get(path).header("host", authority)
+            };
             for (k, v) in headers {
                 req = req.header(k.as_str(), v.as_str());
             }
             let req = req
                 .body(Full::new(Bytes::new()))
                 .map_err(|e| e.to_string())?;
-            let resp = tokio::time::timeout(Duration::from_secs(10), tx.send_request(req))
+            let resp = tokio::time::timeout(Duration::from_secs(10), tx.send(req))
                 .await
                 .map_err(|_| "request timed out".to_owned())?
                 .map_err(|e| e.to_string())?;
@@ -247,6 +271,33 @@ pub async fn load(url: &str, n: u64, headers: &[(String, String)]) -> Result<Tal
         }
     }
     Ok(tally)
+}
+
+enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+impl Sender {
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+
+    async fn send(&mut self, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, String> {
+        match self {
+            Sender::H1(s) => {
+                s.ready().await.map_err(|e| e.to_string())?;
+                s.send_request(req).await.map_err(|e| e.to_string())
+            }
+            Sender::H2(s) => {
+                s.ready().await.map_err(|e| e.to_string())?;
+                s.send_request(req).await.map_err(|e| e.to_string())
+            }
+        }
+    }
 }
 
 /// Send one line over TCP and return the first line of the answer.

@@ -249,6 +249,9 @@ pub fn prepare(doc: Value, default_ns: &str) -> Result<(Value, Vec<String>), Lab
         }
         warnings = pod_spec_warnings(spec);
     }
+    if kind == "Service" {
+        warnings = service_warnings(&obj["spec"]);
+    }
     if kind == "Deployment" {
         let selector = &obj["spec"]["selector"]["matchLabels"];
         let labels = &obj["spec"]["template"]["metadata"]["labels"];
@@ -264,7 +267,48 @@ pub fn prepare(doc: Value, default_ns: &str) -> Result<(Value, Vec<String>), Lab
     Ok((obj, warnings))
 }
 
-/// Fields a Pod may carry that the lab's kubelet accepts without acting on them.
+/// Pod spec fields the kubelet acts on, or that have no effect on one node.
+const POD_FIELDS_HANDLED: &[&str] = &[
+    "containers",
+    "initContainers",
+    "restartPolicy",
+    "hostNetwork",
+    "securityContext",
+    "serviceAccountName",
+    "serviceAccount",
+    "terminationGracePeriodSeconds",
+    "nodeName",
+    "nodeSelector",
+    "affinity",
+    "tolerations",
+    "priorityClassName",
+    "schedulerName",
+    "automountServiceAccountToken",
+    "enableServiceLinks",
+    "imagePullSecrets",
+    "dnsPolicy",
+];
+const CONTAINER_FIELDS_HANDLED: &[&str] = &[
+    "name",
+    "image",
+    "command",
+    "args",
+    "env",
+    "ports",
+    "readinessProbe",
+    "startupProbe",
+    "securityContext",
+    "resources",
+    "imagePullPolicy",
+    "restartPolicy",
+    "volumeMounts",
+    "terminationMessagePath",
+    "terminationMessagePolicy",
+    "stdin",
+    "tty",
+];
+
+/// Fields a Pod may carry that the lab's kubelet accepts without acting on them, named.
 fn pod_spec_warnings(spec: &Value) -> Vec<String> {
     let mut w = Vec::new();
     if spec["volumes"].as_array().is_some_and(|v| !v.is_empty()) {
@@ -273,16 +317,37 @@ fn pod_spec_warnings(spec: &Value) -> Vec<String> {
                 .into(),
         );
     }
+    for (k, _) in spec.as_object().into_iter().flatten() {
+        if k != "volumes" && !POD_FIELDS_HANDLED.contains(&k.as_str()) {
+            w.push(format!("spec.{k} is not modelled by the lab (ignored)"));
+        }
+    }
     for c in containers(spec) {
         let n = c["name"].as_str().unwrap_or("?");
-        if c.get("livenessProbe").is_some() {
-            w.push(format!(
-                "container {n}: livenessProbe is not run by the lab"
-            ));
+        for (k, _) in c.as_object().into_iter().flatten() {
+            if !CONTAINER_FIELDS_HANDLED.contains(&k.as_str()) {
+                w.push(format!(
+                    "container {n}: {k} is not modelled by the lab (ignored)"
+                ));
+            }
         }
-        if c.get("envFrom").is_some() {
+    }
+    w
+}
+
+/// Service fields the lab serves differently from a cluster, named.
+fn service_warnings(spec: &Value) -> Vec<String> {
+    let mut w = Vec::new();
+    if let Some(t) = spec["type"].as_str().filter(|t| *t != "ClusterIP") {
+        w.push(format!(
+            "spec.type {t}: the lab serves it as a ClusterIP only (one node, no load balancer)"
+        ));
+    }
+    for p in spec["ports"].as_array().into_iter().flatten() {
+        if let Some(proto) = p["protocol"].as_str().filter(|p| *p != "TCP") {
             w.push(format!(
-                "container {n}: envFrom is not supported (no ConfigMaps/Secrets in the lab)"
+                "port {}: protocol {proto} is not forwarded by the lab's kube-proxy (TCP only)",
+                p["port"]
             ));
         }
     }
@@ -1188,6 +1253,28 @@ spec:
         .expect("ns");
         assert!(ns["metadata"].get("namespace").is_none());
         assert!(prepare(yaml("- a\n- b"), "d").is_err());
+        let (_, warnings) = prepare(
+            yaml("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {hostPID: true, volumes: [{name: v}], containers: [{name: c, workingDir: /x, livenessProbe: {}, resources: {}}]}"),
+            "d",
+        )
+        .expect("pod");
+        for want in [
+            "spec.hostPID is not modelled",
+            "spec.volumes are not mounted",
+            "container c: workingDir is not modelled",
+            "container c: livenessProbe is not modelled",
+        ] {
+            assert!(
+                warnings.iter().any(|w| w.contains(want)),
+                "{want}: {warnings:?}"
+            );
+        }
+        assert!(
+            !warnings.iter().any(|w| w.contains("resources")),
+            "{warnings:?}"
+        );
+        let (_, warnings) = prepare(yaml("apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {type: LoadBalancer, ports: [{port: 53, protocol: UDP}]}"), "d").expect("svc");
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
     }
 
     fn svc_and_pods() -> (Value, Vec<Value>) {
