@@ -278,19 +278,27 @@ async fn scenario(lab: &Lab) -> Result<(), LabError> {
             "     "
         )
     );
-    println!("   ferry-proxy config routes (in {client}'s sidecar):");
+    println!(
+        "   ferry-proxy config routes -o json (in {client}'s sidecar), one line per resource:"
+    );
     let out = cli::exec_output(
         lab,
         &client,
         ns,
         Some("istio-proxy"),
-        &["ferry-proxy", "config", "routes"],
+        &["ferry-proxy", "config", "routes", "-o", "json"],
     )
     .await?;
-    print!(
-        "{}",
-        indent(String::from_utf8_lossy(&out.stdout).trim_end(), "     ")
-    );
+    let routes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    for r in routes.as_array().into_iter().flatten() {
+        println!(
+            "     {} {}/{}: {}",
+            r["kind"].as_str().unwrap_or("?"),
+            r["metadata"]["namespace"].as_str().unwrap_or("?"),
+            r["metadata"]["name"].as_str().unwrap_or("?"),
+            r["spec"]
+        );
+    }
 
     step("5. header-based routing: end-user: jason → v2, everyone else → v1");
     print!("{}", indent(BY_HEADER, "   | "));
