@@ -23,6 +23,7 @@ pub mod probes;
 pub mod proxyconfig;
 pub mod quantity;
 pub mod selector;
+pub mod selfsigned;
 pub mod server;
 pub mod smp;
 pub mod webhook;

@@ -51,6 +51,26 @@ enum Command {
         /// How long in-flight reviews may take after SIGTERM (seconds)
         #[arg(long, default_value = "10")]
         drain: f64,
+        /// Manage the serving certificate: a CA and certificate kept in --tls-secret, renewed
+        /// before expiry, written to --tls-cert/--tls-key, and every caBundle of
+        /// --webhook-config kept equal to the CA (uses the pod's service account or KUBECONFIG)
+        #[arg(long, requires_all = ["tls_secret", "webhook_config", "dns_names"])]
+        self_signed_tls: bool,
+        /// Secret (in --namespace) holding the CA and serving certificate
+        #[arg(long)]
+        tls_secret: Option<String>,
+        /// MutatingWebhookConfiguration whose caBundles are kept in sync
+        #[arg(long)]
+        webhook_config: Option<String>,
+        /// DNS name(s) of the webhook Service, e.g. ferry-injector.ferry-system.svc
+        #[arg(long = "dns-name")]
+        dns_names: Vec<String>,
+        /// Seconds between checks of the Secret and the caBundles
+        #[arg(long, default_value = "60")]
+        tls_check_interval: f64,
+        /// Namespace of --tls-secret
+        #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
+        namespace: String,
     },
     /// Inject Pods and workloads from a file (`-` for stdin), like `istioctl kube-inject`
     Inject {
@@ -129,10 +149,25 @@ fn run(cmd: Command) -> anyhow::Result<()> {
             listen,
             reload_interval,
             drain,
+            self_signed_tls,
+            tls_secret,
+            webhook_config,
+            dns_names,
+            tls_check_interval,
+            namespace,
         } => {
-            if !(reload_interval > 0.0 && drain >= 0.0) {
-                bail!("--reload-interval must be > 0 and --drain >= 0");
+            if !(reload_interval > 0.0 && drain >= 0.0 && tls_check_interval >= 1.0) {
+                bail!("--reload-interval must be > 0, --drain >= 0 and --tls-check-interval >= 1");
             }
+            let managed = self_signed_tls.then(|| ferry_injector::selfsigned::Settings {
+                namespace,
+                secret: tls_secret.unwrap_or_default(),
+                webhook_config: webhook_config.unwrap_or_default(),
+                dns_names,
+                cert_path: tls_cert.clone(),
+                key_path: tls_key.clone(),
+                interval: Duration::from_secs_f64(tls_check_interval),
+            });
             // Fail on a bad config before anything binds.
             load_config(&config)?;
             let settings = server::Settings {
@@ -158,7 +193,16 @@ fn run(cmd: Command) -> anyhow::Result<()> {
                     tracing::info!("shutdown signal received");
                     let _ = tx.send(true);
                 });
-                server::run(settings, rx).await
+                if let Some(m) = managed {
+                    let client = kube::Client::try_default()
+                        .await
+                        .context("--self-signed-tls needs the Kubernetes API (in-cluster or KUBECONFIG)")?;
+                    tracing::info!(secret = %format!("{}/{}", m.namespace, m.secret), webhook = %m.webhook_config, "managing the webhook certificate; waiting for the first one");
+                    let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+                    tokio::spawn(ferry_injector::selfsigned::run(client, m, first_tx));
+                    first_rx.await.context("certificate manager stopped")?;
+                }
+                server::run(settings, rx).await.map_err(anyhow::Error::from)
             })?;
             Ok(())
         }

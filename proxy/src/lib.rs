@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod crds;
 pub mod detect;
 pub mod discovery;
 pub mod explain;

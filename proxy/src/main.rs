@@ -259,6 +259,11 @@ fn main() -> ExitCode {
         Some("wait") => return wait(&argv[2..]),
         Some("config") => return config_cmd(&argv[2..]),
         Some("explain") => return explain_cmd(&argv[2..]),
+        Some("crds") => {
+            // The CustomResourceDefinitions for what the proxy reads (the chart ships this output).
+            print!("{}", ferry_proxy::crds::yaml());
+            return ExitCode::SUCCESS;
+        }
         _ => {}
     }
     let args = Args::parse_from(argv);

@@ -896,6 +896,14 @@ impl RouteTable {
             let name = r["metadata"]["name"].as_str().unwrap_or("?");
             let id = format!("{kind} {ns}/{name}");
             let spec = &r["spec"];
+            // The same model the CRDs are generated from: typos and wrong types are named (the
+            // API server keeps unknown fields, so this is where a user learns of them).
+            if let Some(ty) = crate::crds::spec_type(kind) {
+                let mut problems = Vec::new();
+                crate::crds::check(&ty, spec, "spec", &mut problems);
+                t.diagnostics
+                    .extend(problems.into_iter().map(|p| format!("{id}: {p}")));
+            }
             match kind {
                 "VirtualService" => {
                     if seen

@@ -337,6 +337,23 @@ impl FakeApiServer {
                 &format!("{} {:?} not found", key.0.to_lowercase(), key.2),
             ));
         };
+        // Optimistic concurrency: an update that says which version it read must be based on
+        // the current one.
+        if let Some(rv) = obj["metadata"]["resourceVersion"]
+            .as_str()
+            .filter(|r| !r.is_empty())
+            && old["metadata"]["resourceVersion"].as_str() != Some(rv)
+        {
+            return Err(status(
+                409,
+                "Conflict",
+                &format!(
+                    "Operation cannot be fulfilled on {} {:?}: the object has been modified; please apply your changes to the latest version and try again",
+                    key.0.to_lowercase(),
+                    key.2
+                ),
+            ));
+        }
         for f in ["uid", "creationTimestamp"] {
             if let Some(v) = old["metadata"].get(f) {
                 obj["metadata"][f] = v.clone();

@@ -408,10 +408,13 @@ metadata: {name: bad-tls, namespace: data}
 spec: {hosts: [x], tls: [{route: [{destination: {host: x}}]}]}
 "#;
     let t = RouteTable::compile_for(&docs(yaml), "cluster.local", Some("data"));
-    assert_eq!(t.diagnostics.len(), 1, "{:?}", t.diagnostics);
-    assert!(
-        t.diagnostics[0].contains("bad-tls rejected")
-            && t.diagnostics[0].contains("sniHosts is required")
+    // The compiler rejects it, and the schema check names the missing field too.
+    assert_eq!(
+        t.diagnostics,
+        [
+            "VirtualService data/bad-tls rejected: data/bad-tls tls[0].match: sniHosts is required for tls routes",
+            "VirtualService data/bad-tls: spec.tls[0].match: required"
+        ]
     );
     let labels = BTreeMap::new();
     let view = |port: u16, ip: &str, sni: Option<&'static str>| ConnView {
