@@ -163,6 +163,31 @@ fn lab_runs_the_mesh_like_a_cluster() {
     let lab = &t.0;
     let prefix = lab.prefix();
     rt().block_on(async {
+        // With helm at hand (always under CI) the lab runs the chart's control plane: its
+        // webhook configuration, with the caBundle set by the injector's own certificate manager.
+        let helm =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/helm/helm");
+        if helm.exists() || std::env::var("CI").as_deref() == Ok("true") {
+            let mwcs = cli::list(lab, "mutatingwebhookconfigurations", None)
+                .await
+                .expect("mwc");
+            assert_eq!(mwcs.len(), 1);
+            assert_eq!(
+                mwcs[0]["metadata"]["name"], "ferry-sidecar-injector",
+                "the chart's webhook configuration"
+            );
+            assert!(
+                mwcs[0]["webhooks"]
+                    .as_array()
+                    .expect("hooks")
+                    .iter()
+                    .all(|h| h["clientConfig"]["caBundle"].is_string()),
+                "caBundle set by the injector"
+            );
+            cli::get_one(lab, "secrets", "ferry-injector-tls", "istio-system")
+                .await
+                .expect("the injector's certificate Secret");
+        }
         cli::apply(lab, demo::APP, "app.yaml", "default")
             .await
             .expect("apply app");

@@ -65,6 +65,7 @@ pub fn up(lab: &Lab, progress: &mut dyn FnMut(&str)) -> Result<String, LabError>
         ));
     }
     std::fs::create_dir_all(&lab.dir).map_err(io_err(format!("creating {}", lab.dir.display())))?;
+    render_chart(lab, progress)?;
     let log = std::fs::File::create(lab.daemon_log()).map_err(io_err("creating daemon.log"))?;
     let state_root = lab.dir.parent().unwrap_or(&lab.dir);
     let mut child = Command::new(lab.bin("ferry-lab"))
@@ -113,7 +114,7 @@ pub fn up(lab: &Lab, progress: &mut dyn FnMut(&str)) -> Result<String, LabError>
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(format!(
-        "lab {:?} is up: API server {} (and {}:{}), injector istiod.istio-system.svc:443, node {} ({}/16)\nstate and logs: {}",
+        "lab {:?} is up: API server {} (and {}:{} in the node), node {} ({}/16)\nstate and logs: {}",
         lab.name,
         lab.socket().display(),
         super::NODE_IP,
@@ -122,6 +123,57 @@ pub fn up(lab: &Lab, progress: &mut dyn FnMut(&str)) -> Result<String, LabError>
         super::NODE_IP,
         lab.dir.display()
     ))
+}
+
+/// Render the Helm chart for the lab (release namespace istio-system) into the lab's directory,
+/// when helm and the chart are here: the daemon then runs the injector and registers the webhook
+/// exactly as the chart does. `FERRY_HELM` / `FERRY_CHART` override where they are looked for.
+fn render_chart(lab: &Lab, progress: &mut dyn FnMut(&str)) -> Result<(), LabError> {
+    let target = lab
+        .bin_dir
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    let helm = std::env::var_os("FERRY_HELM")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| target.join("tools/helm/helm"));
+    let chart = std::env::var_os("FERRY_CHART")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| target.parent().unwrap_or(&target).join("charts/ferry"));
+    if !helm.exists() || !chart.join("Chart.yaml").exists() {
+        progress(&format!(
+            "helm ({}) or the chart ({}) not found: using the built-in webhook configuration",
+            helm.display(),
+            chart.display()
+        ));
+        return Ok(());
+    }
+    let out = Command::new(&helm)
+        .arg("template")
+        .arg("lab")
+        .arg(&chart)
+        .args([
+            "-n",
+            super::control::RELEASE_NAMESPACE,
+            "--set",
+            "injector.replicas=1",
+        ])
+        .output()
+        .map_err(io_err(format!("running {}", helm.display())))?;
+    if !out.status.success() {
+        return Err(LabError::State(format!(
+            "helm template {} failed: {}",
+            chart.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    std::fs::write(lab.dir.join("chart.yaml"), &out.stdout)
+        .map_err(io_err("writing chart.yaml"))?;
+    progress(&format!(
+        "rendered {} with helm: the lab runs the chart's webhook configuration, ConfigMap and injector arguments",
+        chart.display()
+    ));
+    Ok(())
 }
 
 /// Stop the lab (the daemon drains its pods) and remove everything it created, running or not.

@@ -13,8 +13,11 @@ use serde_json::{Value, json};
 
 use super::kubelet::{self, PodRuntime};
 use super::model::{self, NodeInfo};
-use super::{API_PORT, Lab, LabError, NODE_IP, NODE_NAME, SERVICE_BASE, WEBHOOK_PORT, io_err, net};
+use super::{API_PORT, Lab, LabError, NODE_IP, NODE_NAME, SERVICE_BASE, control, io_err, net};
 use crate::fake_apiserver::{FakeApiServer, status};
+
+/// Annotation of pods the kubelet does not run (the node's own processes).
+pub const MIRROR: &str = "kubernetes.io/config.mirror";
 
 /// Shared state of the daemon.
 pub struct Ctx {
@@ -28,7 +31,6 @@ pub struct Ctx {
     hosts: Mutex<HashMap<String, String>>,
     kube_proxy: Mutex<String>,
     failures: Mutex<HashMap<String, String>>,
-    ca_pem: String,
 }
 
 fn say(msg: &str) {
@@ -86,26 +88,45 @@ pub fn run(lab: Lab) -> Result<(), LabError> {
         lab.node_ns()
     ));
     net::create_node(&lab)?;
-    let pki = crate::tls::Pki::new("ferry-lab cluster CA");
-    let serving = pki.issue(&["istiod.istio-system.svc"], 2036);
-    let pki_dir = lab.dir.join("pki");
-    std::fs::create_dir_all(&pki_dir).map_err(io_err("creating pki dir"))?;
-    std::fs::write(pki_dir.join("tls.crt"), &serving.cert_pem).map_err(io_err("writing cert"))?;
-    std::fs::write(pki_dir.join("tls.key"), &serving.key_pem).map_err(io_err("writing key"))?;
     let kubeconfig = FakeApiServer::kubeconfig(SocketAddr::from((NODE_IP, API_PORT)));
     std::fs::write(lab.kubeconfig(), kubeconfig).map_err(io_err("writing kubeconfig"))?;
+    let pki = crate::tls::Pki::new("ferry-lab cluster CA");
+    let cp = match std::fs::read_to_string(lab.dir.join("chart.yaml")) {
+        Ok(rendered) => control::from_chart(&lab, &rendered)?,
+        Err(_) => control::builtin(&lab, &pki.ca_pem()),
+    };
+    say(&format!("control plane: {}", cp.source));
+    for d in ["config", "tls"] {
+        std::fs::create_dir_all(lab.dir.join(d)).map_err(io_err(format!("creating {d} dir")))?;
+    }
+    if let Some(cfg) = &cp.config {
+        std::fs::write(lab.dir.join("config/config.yaml"), cfg)
+            .map_err(io_err("writing the injector config"))?;
+    }
+    if cp.lab_pki {
+        let serving = pki.issue(&[&control::service_dns(&cp)], 2036);
+        std::fs::write(lab.dir.join("tls/tls.crt"), &serving.cert_pem)
+            .map_err(io_err("writing cert"))?;
+        std::fs::write(lab.dir.join("tls/tls.key"), &serving.key_pem)
+            .map_err(io_err("writing key"))?;
+    }
 
-    say("starting ferry-injector (the mutating webhook, HTTPS on :15017)");
+    say(&format!(
+        "starting ferry-injector (the mutating webhook, HTTPS on :{}{})",
+        cp.port,
+        if cp.lab_pki {
+            ""
+        } else {
+            "; it issues its own certificate and sets the caBundle"
+        }
+    ));
     let log = std::fs::File::create(lab.dir.join("logs").join("istio-system_injector.log"))
         .map_err(io_err("creating injector log"))?;
     let mut injector = std::process::Command::new("ip")
         .args(["netns", "exec", &lab.node_ns()])
         .arg(lab.bin("ferry-injector"))
-        .args(["serve", "--tls-cert"])
-        .arg(pki_dir.join("tls.crt"))
-        .arg("--tls-key")
-        .arg(pki_dir.join("tls.key"))
-        .args(["--listen", &format!("{NODE_IP}:{WEBHOOK_PORT}")])
+        .args(&cp.args)
+        .envs(cp.env.iter().map(|(k, v)| (k, v)))
         .stdout(log.try_clone().map_err(io_err("injector log"))?)
         .stderr(log)
         .spawn()
@@ -124,7 +145,7 @@ pub fn run(lab: Lab) -> Result<(), LabError> {
         })
         .build()
         .map_err(io_err("starting the runtime"))?;
-    let result = rt.block_on(serve(lab.clone(), pki.ca_pem(), &mut injector));
+    let result = rt.block_on(serve(lab.clone(), cp, &mut injector));
     let _ = injector.kill();
     let _ = injector.wait();
     net::delete_netns(&lab.node_ns());
@@ -149,7 +170,7 @@ fn memory_bytes() -> u64 {
 
 async fn serve(
     lab: Lab,
-    ca_pem: String,
+    cp: control::ControlPlane,
     injector: &mut std::process::Child,
 ) -> Result<(), LabError> {
     let api = FakeApiServer::new(model::api_kinds());
@@ -169,7 +190,6 @@ async fn serve(
         hosts: Mutex::new(HashMap::new()),
         kube_proxy: Mutex::new(String::new()),
         failures: Mutex::new(HashMap::new()),
-        ca_pem,
     });
     let admit_ctx = ctx.clone();
     api.set_admission(Arc::new(move |obj, old| {
@@ -191,8 +211,8 @@ async fn serve(
         lab.socket().display()
     ));
 
-    seed(&ctx).await?;
-    wait_for_injector(injector).await?;
+    seed(&ctx, &cp).await?;
+    wait_for_injector(injector, cp.port).await?;
     std::fs::write(lab.ready_file(), "ready\n").map_err(io_err("writing ready file"))?;
     say("ready");
 
@@ -230,7 +250,7 @@ async fn serve(
     Ok(())
 }
 
-async fn wait_for_injector(injector: &mut std::process::Child) -> Result<(), LabError> {
+async fn wait_for_injector(injector: &mut std::process::Child, port: u16) -> Result<(), LabError> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         if let Ok(Some(st)) = injector.try_wait() {
@@ -238,7 +258,7 @@ async fn wait_for_injector(injector: &mut std::process::Child) -> Result<(), Lab
                 "ferry-injector exited ({st}) before it was ready; see its log"
             )));
         }
-        if tokio::net::TcpStream::connect((NODE_IP, WEBHOOK_PORT))
+        if tokio::net::TcpStream::connect((NODE_IP, port))
             .await
             .is_ok()
         {
@@ -253,9 +273,9 @@ async fn wait_for_injector(injector: &mut std::process::Child) -> Result<(), Lab
     }
 }
 
-/// What a fresh cluster has: the system namespaces, istiod's Service (the injector, running on
-/// the node) and Istio's MutatingWebhookConfiguration with the lab CA as caBundle.
-async fn seed(ctx: &Arc<Ctx>) -> Result<(), LabError> {
+/// What a fresh cluster has: the system namespaces, the injector's Service (the injector runs
+/// on the node, like a host-network pod) with its endpoint, and the webhook configuration.
+async fn seed(ctx: &Arc<Ctx>, cp: &control::ControlPlane) -> Result<(), LabError> {
     for ns in ["default", "kube-system", "kube-public", "istio-system"] {
         create(
             ctx,
@@ -263,33 +283,16 @@ async fn seed(ctx: &Arc<Ctx>) -> Result<(), LabError> {
         )
         .await?;
     }
-    create(
-        ctx,
-        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "istiod", "namespace": "istio-system", "labels": {"app": "istiod"}},
-            "spec": {"ports": [{"name": "https-webhook", "port": 443, "targetPort": WEBHOOK_PORT}]}}),
-    )
-    .await?;
-    ctx.api.apply(json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"name": "istiod-lab", "namespace": "istio-system", "labels": {"kubernetes.io/service-name": "istiod"}},
-        "addressType": "IPv4", "ports": [{"name": "https-webhook", "port": WEBHOOK_PORT, "protocol": "TCP"}],
-        "endpoints": [{"addresses": [NODE_IP.to_string()], "conditions": {"ready": true}, "nodeName": NODE_NAME}]}));
-    let ca = base64::engine::general_purpose::STANDARD.encode(&ctx.ca_pem);
-    let hooks: Vec<Value> = ferry_injector::webhooks::istio_webhooks("", false)
-        .iter()
-        .map(|h| {
-            let mut v = serde_json::to_value(h).unwrap_or_default();
-            v["clientConfig"] = json!({"service": {"name": "istiod", "namespace": "istio-system", "path": "/inject", "port": 443}, "caBundle": ca});
-            v["rules"] = json!([{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}]);
-            v["sideEffects"] = json!("None");
-            v["admissionReviewVersions"] = json!(["v1"]);
-            v["failurePolicy"] = json!("Fail");
-            v["reinvocationPolicy"] = json!("Never");
-            v["timeoutSeconds"] = json!(10);
-            v
-        })
-        .collect();
-    ctx.api.apply(json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
-        "metadata": {"name": "istio-sidecar-injector", "labels": {"app": "sidecar-injector"}}, "webhooks": hooks}));
+    create(ctx, cp.service.clone()).await?;
+    // The injector runs on the node itself; the API server knows it as a mirror pod (as it
+    // knows a kubelet's static pods), so the Service gets its endpoint the usual way.
+    let mut pod = cp.pod.clone();
+    pod["metadata"]["uid"] = json!(ctx.uid());
+    pod["status"] = json!({"phase": "Running", "podIP": NODE_IP.to_string(), "hostIP": NODE_IP.to_string(),
+        "conditions": [{"type": "Ready", "status": "True"}],
+        "containerStatuses": [{"name": pod["spec"]["containers"][0]["name"], "ready": true, "restartCount": 0, "state": {"running": {}}}]});
+    ctx.api.apply(pod);
+    ctx.api.apply(cp.mwc.clone());
     Ok(())
 }
 
@@ -779,6 +782,7 @@ fn kubelet_sync(ctx: &Arc<Ctx>) {
         .api
         .list_kind("Pod")
         .into_iter()
+        .filter(|p| p["metadata"]["annotations"][MIRROR].is_null())
         .filter_map(|p| Some((p["metadata"]["uid"].as_str()?.to_owned(), p)))
         .collect();
     let mut running = ctx.pods.lock().expect("pods");

@@ -16,6 +16,7 @@
 
 pub mod cli;
 pub mod client;
+pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod echo;

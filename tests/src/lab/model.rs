@@ -22,8 +22,9 @@ pub struct KindInfo {
     pub aliases: &'static [&'static str],
 }
 
-/// Everything the lab's API server stores. The first six are what users apply; EndpointSlices
-/// and the webhook configuration are written by the lab itself (and readable with `lab get`).
+/// Everything the lab's API server stores. The first six are what users apply; EndpointSlices,
+/// the webhook configuration and the injector's Secret are written by the lab and the injector
+/// (and readable with `lab get`).
 pub const KINDS: &[KindInfo] = &[
     KindInfo {
         group: "",
@@ -82,6 +83,14 @@ pub const KINDS: &[KindInfo] = &[
         plural: "endpointslices",
         namespaced: true,
         aliases: &["endpointslices", "endpointslice"],
+    },
+    KindInfo {
+        group: "",
+        versions: &["v1"],
+        kind: "Secret",
+        plural: "secrets",
+        namespaced: true,
+        aliases: &["secrets", "secret"],
     },
     KindInfo {
         group: "admissionregistration.k8s.io",
