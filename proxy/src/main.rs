@@ -259,6 +259,21 @@ fn main() -> ExitCode {
         Some("wait") => return wait(&argv[2..]),
         Some("config") => return config_cmd(&argv[2..]),
         Some("explain") => return explain_cmd(&argv[2..]),
+        // The injected istio-init runs this image with `istio-iptables ARGS` (Istio's proxyv2
+        // entrypoint dispatches the same way): hand over to ferry-init installed next to us.
+        Some("istio-iptables") => {
+            use std::os::unix::process::CommandExt;
+            let init = std::env::current_exe()
+                .ok()
+                .and_then(|p| p.parent().map(|d| d.join("ferry-init")))
+                .unwrap_or_else(|| "ferry-init".into());
+            let err = std::process::Command::new(&init).args(&argv[1..]).exec();
+            eprintln!(
+                "ferry-proxy: running {} for istio-iptables: {err}",
+                init.display()
+            );
+            return ExitCode::from(127);
+        }
         Some("crds") => {
             // The CustomResourceDefinitions for what the proxy reads (the chart ships this output).
             print!("{}", ferry_proxy::crds::yaml());

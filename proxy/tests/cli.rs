@@ -79,3 +79,30 @@ fn pilot_agent_helpers_explain_failures() {
     assert_eq!(code, Some(1));
     assert!(err.contains("timed out"), "{err}");
 }
+
+#[test]
+fn the_image_entrypoint_hands_istio_iptables_to_ferry_init() {
+    // In the proxy image the injected istio-init runs `ferry-proxy istio-iptables ARGS`.
+    let init = std::path::Path::new(BIN).with_file_name("ferry-init");
+    if !init.exists() {
+        panic!(
+            "{} not built; run `cargo test --workspace` (it builds every binary)",
+            init.display()
+        );
+    }
+    let out = Command::new(BIN)
+        .args(["istio-iptables", "-p", "15001", "-z", "15006", "-u", "1337"])
+        .args(["-m", "REDIRECT", "-i", "*", "-b", "*", "--dry-run"])
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001"),
+        "{stdout}"
+    );
+}
