@@ -20,5 +20,6 @@ pub mod explain;
 pub mod k8s;
 pub mod metrics;
 pub mod proxy;
+pub mod resilience;
 pub mod routing;
 pub mod transport;
