@@ -45,6 +45,16 @@ pub struct Metrics {
     pub config_version: Gauge,
     pub config_rejected: Counter,
     pub loops_refused: Counter,
+    /// Resilience events, by destination service and kind (bounded sets).
+    pub resilience: Family<EventLabels, Counter>,
+}
+
+/// Labels of a resilience event.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    pub destination_service: String,
+    /// retry, timeout, overflow, ejection, fault_delay, fault_abort, retry_budget_exhausted
+    pub event: &'static str,
 }
 
 type HistFn = fn() -> Histogram;
@@ -139,7 +149,14 @@ impl Metrics {
             "Connections refused because their destination was the proxy itself",
             loops_refused.clone(),
         );
+        let resilience = Family::<EventLabels, Counter>::default();
+        ferry.register(
+            "upstream_events",
+            "Retries, timeouts, circuit-breaker overflows, outlier ejections and injected faults",
+            resilience.clone(),
+        );
         Metrics {
+            resilience,
             registry: root,
             requests,
             duration_ms,
@@ -153,6 +170,16 @@ impl Metrics {
             config_rejected,
             loops_refused,
         }
+    }
+
+    /// Count one resilience event.
+    pub fn event(&self, service: &str, event: &'static str) {
+        self.resilience
+            .get_or_create(&EventLabels {
+                destination_service: service.to_owned(),
+                event,
+            })
+            .inc();
     }
 
     pub fn encode(&self) -> String {

@@ -25,6 +25,7 @@ use crate::config::{Config, OutboundPolicy};
 use crate::detect::{self, Detected};
 use crate::discovery::{Protocol, SERVER_FIRST_PORTS, Snapshot, Target};
 use crate::metrics::{Labels, Metrics};
+use crate::resilience;
 use crate::transport::{self, OrigDst};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -127,6 +128,11 @@ pub struct Proxy {
     h2_out: Client<Connector, Incoming>,
     h1_in: Client<Connector, Incoming>,
     h2_in: Client<Connector, Incoming>,
+    /// Buffered-body clients, for requests that may be retried.
+    h1_out_buf: Client<Connector, Full<Bytes>>,
+    h2_out_buf: Client<Connector, Full<Bytes>>,
+    breakers: crate::resilience::Breakers,
+    pub outliers: crate::resilience::Outliers,
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -134,7 +140,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// anyway (the HTTP server then applies its own limits). Long on purpose: see `handle`.
 const DECLARED_HTTP_FIRST_BYTES: Duration = Duration::from_secs(3600);
 
-fn client(inbound: bool, h2: bool) -> Client<Connector, Incoming> {
+fn client<B>(inbound: bool, h2: bool) -> Client<Connector, B>
+where
+    B: hyper::body::Body + Send + 'static + Unpin,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let mut b = Client::builder(TokioExecutor::new());
     b.pool_idle_timeout(Duration::from_secs(60))
         .pool_max_idle_per_host(64);
@@ -190,6 +201,10 @@ impl Proxy {
             h2_out: client(false, true),
             h1_in: client(true, false),
             h2_in: client(true, true),
+            h1_out_buf: client(false, false),
+            h2_out_buf: client(false, true),
+            breakers: crate::resilience::Breakers::default(),
+            outliers: crate::resilience::Outliers::default(),
         }
     }
 
@@ -434,7 +449,7 @@ impl Proxy {
         let mut labels = self.labels(&c, &snap, &target, "tcp");
         let picked = match (&c.dir, &target) {
             (Direction::Outbound, Target::Service { service, port }) => {
-                self.pick_endpoint(&c, &snap, service, *port, subset, &|_: &str| None)
+                self.pick_endpoint(&c, &snap, service, *port, subset, None, &|_: &str| None)
             }
             _ => self.tcp_upstream(&c, &target),
         };
@@ -658,6 +673,50 @@ impl Proxy {
             }
         }
         let target = rerouted.unwrap_or(target);
+        let service_name = match &target {
+            Target::Service { service, .. } => service.hostname.clone(),
+            _ => "unknown".to_owned(),
+        };
+        // Fault injection applies on the route, before any upstream is chosen.
+        let mut fault_flag: Option<&'static str> = None;
+        if let Some(f) = applied.as_ref().and_then(|r| r.policy.fault.as_ref()) {
+            if let Some((delay, pct)) = &f.delay
+                && resilience::hits(*pct, roll())
+            {
+                tokio::time::sleep(*delay).await;
+                fault_flag = Some("DI");
+                self.metrics.event(&service_name, "fault_delay");
+            }
+            if let Some((abort, pct)) = &f.abort
+                && resilience::hits(*pct, roll())
+            {
+                self.metrics.event(&service_name, "fault_abort");
+                let mut labels = self.labels(&c, &snap, &target, "http");
+                labels.response_flags = "FI".into();
+                let resp = match abort {
+                    resilience::Abort::Http(code) => full(
+                        StatusCode::from_u16(*code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                        "fault filter abort",
+                    ),
+                    resilience::Abort::Grpc(name, code) => {
+                        let mut r = full(StatusCode::OK, "");
+                        let h = r.headers_mut();
+                        h.insert(
+                            hyper::header::CONTENT_TYPE,
+                            hyper::header::HeaderValue::from_static("application/grpc"),
+                        );
+                        if let Ok(v) = hyper::header::HeaderValue::from_str(&code.to_string()) {
+                            h.insert("grpc-status", v);
+                        }
+                        if let Ok(v) = hyper::header::HeaderValue::from_str(name) {
+                            h.insert("grpc-message", v);
+                        }
+                        r
+                    }
+                };
+                return self.finish(labels, started, resp, &c, &req_line(&req), None);
+            }
+        }
         let h2_down = req.version() == hyper::Version::HTTP_2;
         let protocol = match (&target, h2_down) {
             (Target::Service { service, port }, _)
@@ -677,66 +736,27 @@ impl Proxy {
             _ => "http",
         };
         let mut labels = self.labels(&c, &snap, &target, protocol);
-        let endpoint = match (c.dir, &target) {
-            (Direction::Inbound, _) => Ok(c.orig),
-            (Direction::Outbound, Target::Service { service, port }) => self.pick_endpoint(
-                &c,
-                &snap,
-                service,
-                *port,
-                subset.as_deref(),
-                &|name: &str| {
-                    let all: Vec<&str> = req
-                        .headers()
-                        .get_all(name)
-                        .iter()
-                        .filter_map(|v| v.to_str().ok())
-                        .collect();
-                    (!all.is_empty()).then(|| all.join("; "))
-                },
-            ),
-            (Direction::Outbound, _) => self.tcp_upstream(&c, &target),
-        };
-        let endpoint = match endpoint {
-            Ok(e) => e,
-            Err(why) => {
-                let (status, flag) = if why.starts_with("no healthy") {
-                    (StatusCode::SERVICE_UNAVAILABLE, "UH")
-                } else {
-                    (StatusCode::BAD_GATEWAY, "NR")
-                };
-                labels.response_flags = flag.into();
-                return self.finish(
-                    labels,
-                    started,
-                    full(
-                        status,
-                        if flag == "UH" {
-                            "no healthy upstream"
-                        } else {
-                            why
-                        },
-                    ),
-                    &c,
-                    &req_line(&req),
-                    None,
-                );
-            }
-        };
-        Self::set_endpoint(&mut labels, &snap, endpoint);
         let line = req_line(&req);
         let req_len = req
             .headers()
             .get(hyper::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        // Point the request at the endpoint; keep Host (HTTP/1.1) so the app sees what the client sent.
+        let flagged = |labels: &mut Labels, flag: &str| {
+            labels.response_flags = match fault_flag {
+                Some(f) => format!("{f},{flag}"),
+                None => flag.to_owned(),
+            };
+        };
+        if let Some(f) = fault_flag {
+            labels.response_flags = f.into();
+        }
+        // Path rewrite and request header edits of the matched route.
         let pq = req
             .uri()
             .path_and_query()
             .map(|p| p.as_str().to_owned())
             .unwrap_or_else(|| "/".into());
-        // rewrite.uri / rewrite.authority and request header edits of the matched route.
         let pq = match applied
             .as_ref()
             .and_then(|r| r.rewrite_path(req.uri().path()))
@@ -755,84 +775,378 @@ impl Proxy {
             }
             edit_headers(req.headers_mut(), &route.request_headers);
         }
-        let uri: Uri = match format!("http://{endpoint}{pq}").parse() {
-            Ok(u) => u,
-            Err(_) => {
-                return self.finish(
-                    labels,
-                    started,
-                    full(StatusCode::BAD_REQUEST, "bad request target"),
-                    &c,
-                    &line,
-                    req_len,
-                );
-            }
-        };
         if let Some(a) = &authority
             && !req.headers().contains_key(hyper::header::HOST)
             && let Ok(v) = hyper::header::HeaderValue::from_str(a)
         {
             req.headers_mut().insert(hyper::header::HOST, v);
         }
-        *req.uri_mut() = uri;
+        let pick = |avoid: Option<SocketAddr>, headers: &hyper::HeaderMap| match (c.dir, &target) {
+            (Direction::Inbound, _) => Ok(c.orig),
+            (Direction::Outbound, Target::Service { service, port }) => self.pick_endpoint(
+                &c,
+                &snap,
+                service,
+                *port,
+                subset.as_deref(),
+                avoid,
+                &|name: &str| {
+                    let all: Vec<&str> = headers
+                        .get_all(name)
+                        .iter()
+                        .filter_map(|v| v.to_str().ok())
+                        .collect();
+                    (!all.is_empty()).then(|| all.join("; "))
+                },
+            ),
+            (Direction::Outbound, _) => self.tcp_upstream(&c, &target),
+        };
+        let no_endpoint = |labels: &mut Labels, why: &'static str| {
+            let (status, flag) = if why.starts_with("no healthy") {
+                (StatusCode::SERVICE_UNAVAILABLE, "UH")
+            } else {
+                (StatusCode::BAD_GATEWAY, "NR")
+            };
+            flagged(labels, flag);
+            full(
+                status,
+                if flag == "UH" {
+                    "no healthy upstream"
+                } else {
+                    why
+                },
+            )
+        };
         let upgrade = !h2_down && req.headers().contains_key(hyper::header::UPGRADE);
         if upgrade {
+            let endpoint = match pick(None, req.headers()) {
+                Ok(e) => e,
+                Err(why) => {
+                    let resp = no_endpoint(&mut labels, why);
+                    return self.finish(labels, started, resp, &c, &line, req_len);
+                }
+            };
+            Self::set_endpoint(&mut labels, &snap, endpoint);
+            match format!("http://{endpoint}{pq}").parse::<Uri>() {
+                Ok(uri) => *req.uri_mut() = uri,
+                Err(_) => {
+                    let resp = full(StatusCode::BAD_REQUEST, "bad request target");
+                    return self.finish(labels, started, resp, &c, &line, req_len);
+                }
+            }
             let resp = self.upgrade(c.dir, endpoint, req).await;
             return self.finish(labels, started, resp, &c, &line, req_len);
         }
         let declared_h2 = matches!(&target, Target::Service { service, port } if service.port(*port).is_some_and(|p| matches!(p.protocol, Protocol::Http2 | Protocol::Grpc)));
         let use_h2 = h2_down || declared_h2;
-        *req.version_mut() = if use_h2 {
-            hyper::Version::HTTP_2
+
+        // Timeout and retries: the route's (Istio's default retries when it sets none), with the
+        // client's x-envoy-* overrides; inbound, the caller's sidecar already applied them.
+        let (timeout, mut retries) = if c.dir == Direction::Outbound {
+            let (t, r) = applied.as_ref().map_or_else(
+                || (None, resilience::Retries::istio_default()),
+                |r| (r.policy.timeout, r.policy.retries.clone()),
+            );
+            let hdrs = req.headers();
+            resilience::with_overrides(t, r, &|k: &str| {
+                hdrs.get(k).and_then(|v| v.to_str().ok()).map(str::to_owned)
+            })
         } else {
-            hyper::Version::HTTP_11
+            (
+                None,
+                resilience::Retries {
+                    attempts: 0,
+                    ..resilience::Retries::istio_default()
+                },
+            )
         };
-        if use_h2 {
-            req.headers_mut().remove(hyper::header::HOST);
-        }
-        let client = match (c.dir, use_h2) {
-            (Direction::Outbound, false) => &self.h1_out,
-            (Direction::Outbound, true) => &self.h2_out,
-            (Direction::Inbound, false) => &self.h1_in,
-            (Direction::Inbound, true) => &self.h2_in,
+        // Circuit breaking: the destination's connection pool admits the request or refuses it
+        // at once (503, UO).
+        let (pool, outlier) = match (&target, c.dir) {
+            (Target::Service { service, port }, Direction::Outbound) => snap
+                .routes
+                .rule(&service.hostname)
+                .map(|r| r.resilience(subset.as_deref(), *port))
+                .unwrap_or_default(),
+            _ => (None, None),
         };
-        let _inflight = Inflight::enter(&self.inflight, endpoint);
-        let resp = match client.request(req).await {
-            Ok(r) => r.map(|b| b.boxed()),
-            Err(e) => {
-                let timed_out = std::error::Error::source(&e)
-                    .and_then(|s| s.downcast_ref::<std::io::Error>())
-                    .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
-                    || format!("{e:?}").contains("TimedOut");
-                let (status, flag, msg) = if timed_out {
-                    (
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "UT",
-                        "upstream connect timeout",
-                    )
-                } else if e.is_connect() {
-                    (
-                        StatusCode::BAD_GATEWAY,
-                        "UF",
-                        "upstream connect error: connection refused",
-                    )
-                } else {
-                    (
-                        StatusCode::BAD_GATEWAY,
-                        "UC",
-                        "upstream reset before response",
-                    )
-                };
-                labels.response_flags = flag.into();
-                debug!(error = ?e, %endpoint, "upstream request failed");
-                full(status, msg)
+        let cluster = match &target {
+            Target::Service { service, port } => format!(
+                "{}|{port}|{}",
+                service.hostname,
+                subset.as_deref().unwrap_or("")
+            ),
+            _ => String::new(),
+        };
+        let admitted = match self
+            .breakers
+            .admit(&cluster, &pool.clone().unwrap_or_default())
+            .await
+        {
+            Ok(a) => a,
+            Err(resilience::Overflow(limit)) => {
+                self.metrics.event(&service_name, "overflow");
+                flagged(&mut labels, "UO");
+                debug!(%cluster, limit, "circuit breaker overflow");
+                let resp = full(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+                );
+                return self.finish(labels, started, resp, &c, &line, req_len);
             }
         };
-        let mut resp = resp;
-        if let Some(route) = &applied {
-            edit_headers(resp.headers_mut(), &route.response_headers);
+        let idempotent = resilience::idempotent(
+            req.method().as_str(),
+            req.headers().contains_key("idempotency-key"),
+        );
+        // A request is replayed only from a buffered copy: small bodies are buffered when a
+        // retry is possible; a large or streaming body gets one attempt.
+        const MAX_BUFFERED: u64 = 64 * 1024;
+        let (parts, body) = req.into_parts();
+        let small = hyper::body::Body::is_end_stream(&body)
+            || hyper::body::Body::size_hint(&body)
+                .upper()
+                .is_some_and(|u| u <= MAX_BUFFERED);
+        let mut body = Some(body);
+        let buffered: Option<Bytes> = if retries.attempts > 0 && small {
+            match body.take().map(|b| b.collect()) {
+                Some(f) => match f.await {
+                    Ok(b) => Some(b.to_bytes()),
+                    Err(_) => {
+                        let resp = full(StatusCode::BAD_REQUEST, "request body aborted");
+                        return self.finish(labels, started, resp, &c, &line, req_len);
+                    }
+                },
+                None => None,
+            }
+        } else {
+            retries.attempts = 0;
+            None
+        };
+        let deadline = timeout.map(|t| started + t);
+        let rebuild = |uri: Uri| {
+            let mut b = Request::builder()
+                .method(parts.method.clone())
+                .uri(uri)
+                .version(if use_h2 {
+                    hyper::Version::HTTP_2
+                } else {
+                    hyper::Version::HTTP_11
+                });
+            if let Some(h) = b.headers_mut() {
+                *h = parts.headers.clone();
+                if use_h2 {
+                    h.remove(hyper::header::HOST);
+                }
+            }
+            b
+        };
+        let mut attempt = 0u32;
+        let mut last: Option<SocketAddr> = None;
+        let mut _slots = Vec::new();
+        loop {
+            let endpoint = match pick(last, &parts.headers) {
+                Ok(e) => e,
+                Err(why) => {
+                    let resp = no_endpoint(&mut labels, why);
+                    return self.finish(labels, started, resp, &c, &line, req_len);
+                }
+            };
+            Self::set_endpoint(&mut labels, &snap, endpoint);
+            let uri: Uri = match format!("http://{endpoint}{pq}").parse() {
+                Ok(u) => u,
+                Err(_) => {
+                    let resp = full(StatusCode::BAD_REQUEST, "bad request target");
+                    return self.finish(labels, started, resp, &c, &line, req_len);
+                }
+            };
+            let _inflight = Inflight::enter(&self.inflight, endpoint);
+            let sent = match (&buffered, body.take()) {
+                (Some(bytes), _) => {
+                    let r = rebuild(uri).body(Full::new(bytes.clone()));
+                    let client = if use_h2 {
+                        &self.h2_out_buf
+                    } else {
+                        &self.h1_out_buf
+                    };
+                    match r {
+                        Ok(r) => Box::pin(client.request(r))
+                            as Pin<Box<dyn Future<Output = _> + Send + '_>>,
+                        Err(_) => {
+                            let resp = full(StatusCode::BAD_REQUEST, "bad request");
+                            return self.finish(labels, started, resp, &c, &line, req_len);
+                        }
+                    }
+                }
+                (None, Some(b)) => {
+                    let client = match (c.dir, use_h2) {
+                        (Direction::Outbound, false) => &self.h1_out,
+                        (Direction::Outbound, true) => &self.h2_out,
+                        (Direction::Inbound, false) => &self.h1_in,
+                        (Direction::Inbound, true) => &self.h2_in,
+                    };
+                    match rebuild(uri).body(b) {
+                        Ok(r) => Box::pin(client.request(r)),
+                        Err(_) => {
+                            let resp = full(StatusCode::BAD_REQUEST, "bad request");
+                            return self.finish(labels, started, resp, &c, &line, req_len);
+                        }
+                    }
+                }
+                (None, None) => {
+                    let resp = full(StatusCode::BAD_GATEWAY, "request body already consumed");
+                    return self.finish(labels, started, resp, &c, &line, req_len);
+                }
+            };
+            let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let limit = match (retries.per_try_timeout, remaining) {
+                (Some(p), Some(r)) => Some(p.min(r)),
+                (p, r) => p.or(r),
+            };
+            let result = match limit {
+                Some(l) => match tokio::time::timeout(l, sent).await {
+                    Ok(r) => Some(r),
+                    Err(_) => None,
+                },
+                None => Some(sent.await),
+            };
+            let overall_expired = deadline.is_some_and(|d| Instant::now() >= d);
+            let (outcome, resp) = match result {
+                None if overall_expired => {
+                    self.metrics.event(&service_name, "timeout");
+                    flagged(&mut labels, if attempt > 0 { "UT,URX" } else { "UT" });
+                    let resp = full(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout");
+                    return self.finish(labels, started, resp, &c, &line, req_len);
+                }
+                None => (
+                    resilience::Outcome::PerTryTimeout,
+                    Err((
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "UT",
+                        "upstream request timeout",
+                    )),
+                ),
+                Some(Ok(r)) => {
+                    let grpc = r
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse().ok());
+                    (
+                        resilience::Outcome::Response(r.status().as_u16(), grpc),
+                        Ok(r.map(|b| b.boxed())),
+                    )
+                }
+                Some(Err(e)) => {
+                    let timed_out = std::error::Error::source(&e)
+                        .and_then(|s| s.downcast_ref::<std::io::Error>())
+                        .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+                        || format!("{e:?}").contains("TimedOut");
+                    debug!(error = ?e, %endpoint, "upstream request failed");
+                    if timed_out {
+                        (
+                            resilience::Outcome::ConnectFailure,
+                            Err((
+                                StatusCode::GATEWAY_TIMEOUT,
+                                "UT",
+                                "upstream connect timeout",
+                            )),
+                        )
+                    } else if e.is_connect() {
+                        (
+                            resilience::Outcome::ConnectFailure,
+                            Err((
+                                StatusCode::BAD_GATEWAY,
+                                "UF",
+                                "upstream connect error: connection refused",
+                            )),
+                        )
+                    } else if format!("{e:?}").contains("REFUSED_STREAM") {
+                        (
+                            resilience::Outcome::RefusedStream,
+                            Err((StatusCode::BAD_GATEWAY, "UC", "upstream refused the stream")),
+                        )
+                    } else {
+                        (
+                            resilience::Outcome::Reset,
+                            Err((
+                                StatusCode::BAD_GATEWAY,
+                                "UC",
+                                "upstream reset before response",
+                            )),
+                        )
+                    }
+                }
+            };
+            // Outlier detection sees every attempt.
+            if let (Some(p), Target::Service { service, port }) = (&outlier, &target) {
+                let all: Vec<SocketAddr> = service
+                    .endpoints
+                    .get(port)
+                    .into_iter()
+                    .flatten()
+                    .map(|e| e.addr)
+                    .collect();
+                if self
+                    .outliers
+                    .record(p, endpoint, outcome, &all, Instant::now())
+                {
+                    self.metrics.event(&service_name, "ejection");
+                    info!(%endpoint, service = %service_name, "outlier detection: endpoint ejected");
+                }
+            }
+            let retry_reason = (attempt < retries.attempts)
+                .then(|| resilience::should_retry(&retries, outcome, idempotent))
+                .flatten();
+            let slot = retry_reason.and_then(|_| {
+                let s = admitted.retry_slot();
+                if s.is_none() {
+                    self.metrics.event(&service_name, "retry_budget_exhausted");
+                }
+                s
+            });
+            if let (Some(reason), Some(slot)) = (retry_reason, slot) {
+                _slots.push(slot);
+                attempt += 1;
+                last = Some(endpoint);
+                self.metrics.event(&service_name, "retry");
+                debug!(%endpoint, reason, attempt, "retrying");
+                let wait = resilience::backoff(attempt - 1, roll());
+                let wait = match deadline {
+                    Some(d) => wait.min(d.saturating_duration_since(Instant::now())),
+                    None => wait,
+                };
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            let exhausted = attempt > 0 && outcome.failed();
+            let resp = match resp {
+                Ok(mut r) => {
+                    if exhausted {
+                        flagged(&mut labels, "URX");
+                    }
+                    if let Some(route) = &applied {
+                        edit_headers(r.headers_mut(), &route.response_headers);
+                    }
+                    r
+                }
+                Err((status, flag, msg)) => {
+                    if outcome == resilience::Outcome::PerTryTimeout {
+                        self.metrics.event(&service_name, "timeout");
+                    }
+                    flagged(
+                        &mut labels,
+                        &if exhausted {
+                            format!("{flag},URX")
+                        } else {
+                            flag.to_owned()
+                        },
+                    );
+                    full(status, msg)
+                }
+            };
+            return self.finish(labels, started, resp, &c, &line, req_len);
         }
-        self.finish(labels, started, resp, &c, &line, req_len)
     }
 
     /// The endpoint of a service port for one request: the subset's endpoints (by pod labels),
@@ -844,10 +1158,12 @@ impl Proxy {
         service: &crate::discovery::Service,
         port: u16,
         subset: Option<&str>,
+        avoid: Option<SocketAddr>,
         header: &dyn Fn(&str) -> Option<String>,
     ) -> Result<SocketAddr, &'static str> {
         use crate::routing::LoadBalancer;
         let rule = snap.routes.rule(&service.hostname);
+        let outlier = rule.as_ref().and_then(|r| r.resilience(subset, port).1);
         let Some((labels, lb)) = crate::routing::resolve_destination(rule.as_deref(), subset, port)
         else {
             return Err("no healthy upstream (subset not defined by a DestinationRule)");
@@ -863,6 +1179,22 @@ impl Proxy {
                     .is_none_or(|l| l.iter().all(|(k, v)| e.labels.get(k) == Some(v)))
             })
             .collect();
+        // Outlier detection leaves ejected endpoints out (unless too few would remain); a
+        // retry prefers another endpoint than the one that just failed.
+        let mut eps = if outlier.is_some() {
+            let addrs: Vec<SocketAddr> = eps.iter().map(|e| e.addr).collect();
+            let ok = self
+                .outliers
+                .available(outlier.as_ref(), &addrs, Instant::now());
+            eps.into_iter().filter(|e| ok.contains(&e.addr)).collect()
+        } else {
+            eps
+        };
+        if let Some(a) = avoid
+            && eps.len() > 1
+        {
+            eps.retain(|e| e.addr != a);
+        }
         if eps.is_empty() && lb != LoadBalancer::Passthrough {
             return Err("no healthy endpoint");
         }

@@ -161,7 +161,8 @@ impl Retries {
         };
         Ok(Retries {
             attempts,
-            per_try_timeout: duration_field(v, "perTryTimeout").map_err(|e| format!("retries.{e}"))?,
+            per_try_timeout: duration_field(v, "perTryTimeout")
+                .map_err(|e| format!("retries.{e}"))?,
             on,
             non_idempotent,
         })
@@ -192,7 +193,10 @@ impl Outcome {
 /// Whether a method may be replayed safely (RFC 9110 §9.2.2), or the request says it may.
 pub fn idempotent(method: &str, has_idempotency_key: bool) -> bool {
     has_idempotency_key
-        || matches!(method, "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE")
+        || matches!(
+            method,
+            "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"
+        )
 }
 
 /// Pure: whether to retry after `outcome`; `Some(reason)` names the condition that matched.
@@ -333,14 +337,18 @@ impl Fault {
                         .as_u64()
                         .and_then(|c| u16::try_from(c).ok())
                         .filter(|c| (200..600).contains(c))
-                        .ok_or_else(|| format!("fault.abort.httpStatus {s} is not an HTTP status"))?;
+                        .ok_or_else(|| {
+                            format!("fault.abort.httpStatus {s} is not an HTTP status")
+                        })?;
                     Abort::Http(code)
                 } else if let Some(g) = a.get("grpcStatus").and_then(Value::as_str) {
                     let code = GRPC_STATUS
                         .iter()
                         .find(|(n, _)| *n == g)
                         .map(|(_, c)| *c)
-                        .ok_or_else(|| format!("fault.abort.grpcStatus {g:?} is not a gRPC status name"))?;
+                        .ok_or_else(|| {
+                            format!("fault.abort.grpcStatus {g:?} is not a gRPC status name")
+                        })?;
                     Abort::Grpc(g.to_owned(), code)
                 } else {
                     return Err("fault.abort needs httpStatus or grpcStatus".into());
@@ -449,8 +457,12 @@ impl OutlierPolicy {
         };
         Ok(OutlierPolicy {
             consecutive_5xx,
-            consecutive_gateway: u32_field(v, "consecutiveGatewayErrors").map_err(e)?.unwrap_or(0),
-            interval: duration_field(v, "interval").map_err(e)?.unwrap_or(Duration::from_secs(10)),
+            consecutive_gateway: u32_field(v, "consecutiveGatewayErrors")
+                .map_err(e)?
+                .unwrap_or(0),
+            interval: duration_field(v, "interval")
+                .map_err(e)?
+                .unwrap_or(Duration::from_secs(10)),
             base_ejection: duration_field(v, "baseEjectionTime")
                 .map_err(e)?
                 .unwrap_or(Duration::from_secs(30)),
@@ -524,7 +536,9 @@ impl Breakers {
     pub async fn admit(&self, cluster: &str, limits: &PoolLimits) -> Result<Admitted, Overflow> {
         let c = {
             let mut map = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
-            let entry = map.entry(cluster.to_owned()).or_insert_with(|| new_cluster(limits));
+            let entry = map
+                .entry(cluster.to_owned())
+                .or_insert_with(|| new_cluster(limits));
             if entry.limits != *limits {
                 *entry = new_cluster(limits);
             }
@@ -599,12 +613,20 @@ impl Outliers {
         let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
         let gateway = matches!(
             outcome,
-            Outcome::ConnectFailure | Outcome::Reset | Outcome::PerTryTimeout | Outcome::Response(502..=504, _)
+            Outcome::ConnectFailure
+                | Outcome::Reset
+                | Outcome::PerTryTimeout
+                | Outcome::Response(502..=504, _)
         );
         let five_xx = gateway || matches!(outcome, Outcome::Response(500..=599, _));
         let ejected_now = cluster
             .iter()
-            .filter(|a| hosts.get(a).and_then(|h| h.ejected_until).is_some_and(|t| t > now))
+            .filter(|a| {
+                hosts
+                    .get(a)
+                    .and_then(|h| h.ejected_until)
+                    .is_some_and(|t| t > now)
+            })
             .count();
         let h = hosts.entry(addr).or_default();
         if !five_xx {
@@ -646,7 +668,12 @@ impl Outliers {
         let healthy: Vec<SocketAddr> = endpoints
             .iter()
             .copied()
-            .filter(|a| !hosts.get(a).and_then(|h| h.ejected_until).is_some_and(|t| t > now))
+            .filter(|a| {
+                !hosts
+                    .get(a)
+                    .and_then(|h| h.ejected_until)
+                    .is_some_and(|t| t > now)
+            })
             .collect();
         if healthy.is_empty()
             || (healthy.len() * 100) < (p.min_health_percent as usize * endpoints.len())

@@ -180,6 +180,8 @@ pub struct HttpRoute {
     pub rewrite_authority: Option<String>,
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
+    /// timeout, retries, fault.
+    pub policy: crate::resilience::RoutePolicy,
     /// Fields accepted but not implemented yet (reported, never silently ignored).
     pub unsupported: Vec<String>,
 }
@@ -328,7 +330,7 @@ fn compile_l4(
     }
     // The `route` list has HTTP's weight rules: share them.
     let as_http = serde_json::json!({"name": format!("{kind}[{i}]"), "route": r.get("route").cloned().unwrap_or(Value::Null)});
-    let route = compile_http(vs, ns, i, &as_http, domain)?;
+    let route = compile_http(vs, ns, i, &as_http, domain, false)?;
     let Action::Route(destinations) = route.action else {
         return Err(format!("{field}: needs route"));
     };
@@ -523,7 +525,23 @@ impl HostRoutes {
 pub struct Policy {
     pub lb: Option<LoadBalancer>,
     pub ports: BTreeMap<u16, Option<LoadBalancer>>,
+    pub pool: Option<crate::resilience::PoolLimits>,
+    pub outlier: Option<crate::resilience::OutlierPolicy>,
+    /// port → its portLevelSettings' connectionPool and outlierDetection.
+    pub port_resilience: BTreeMap<
+        u16,
+        (
+            Option<crate::resilience::PoolLimits>,
+            Option<crate::resilience::OutlierPolicy>,
+        ),
+    >,
 }
+
+/// A destination's connection pool and outlier detection.
+pub type Resilience = (
+    Option<crate::resilience::PoolLimits>,
+    Option<crate::resilience::OutlierPolicy>,
+);
 
 impl Policy {
     /// The balancer this policy sets for `port`, and whether a port-level entry decided it.
@@ -544,7 +562,33 @@ pub struct Rule {
     pub subsets: BTreeMap<String, (BTreeMap<String, String>, Policy)>,
 }
 
+impl Policy {
+    /// This policy's pool and outlier settings for `port`: a port-level entry's fields win.
+    fn resilience_for(&self, port: u16) -> Resilience {
+        match self.port_resilience.get(&port) {
+            Some((pool, outlier)) => (
+                pool.clone().or_else(|| self.pool.clone()),
+                outlier.clone().or_else(|| self.outlier.clone()),
+            ),
+            None => (self.pool.clone(), self.outlier.clone()),
+        }
+    }
+}
+
 impl Rule {
+    /// The connection pool and outlier detection for `subset` on `port`: field by field, the
+    /// subset's settings replace the rule's (pilot's MergeSubsetTrafficPolicy).
+    pub fn resilience(&self, subset: Option<&str>, port: u16) -> Resilience {
+        let (pool, outlier) = self.policy.resilience_for(port);
+        match subset.and_then(|s| self.subsets.get(s)) {
+            Some((_, sub)) => {
+                let (sp, so) = sub.resilience_for(port);
+                (sp.or(pool), so.or(outlier))
+            }
+            None => (pool, outlier),
+        }
+    }
+
     /// The endpoint labels and load balancer for traffic to `subset` (if any) on `port`, with
     /// Istio's precedence (pilot's MergeSubsetTrafficPolicy): each policy is first resolved for
     /// the port (a port-level entry replaces the policy's fields), then the subset's resolved
@@ -617,7 +661,20 @@ pub fn fqdn(host: &str, namespace: &str, domain: &str) -> String {
 }
 
 /// A `trafficPolicy` object (absent = empty policy).
+fn resilience_of(v: &Value) -> Result<Resilience, String> {
+    let pool = match v.get("connectionPool") {
+        None | Some(Value::Null) => None,
+        Some(c) => Some(crate::resilience::PoolLimits::parse(c)?),
+    };
+    let outlier = match v.get("outlierDetection") {
+        None | Some(Value::Null) => None,
+        Some(o) => Some(crate::resilience::OutlierPolicy::parse(o)?),
+    };
+    Ok((pool, outlier))
+}
+
 fn policy(v: &Value) -> Result<Policy, String> {
+    let mut port_resilience = BTreeMap::new();
     let ports = match v.get("portLevelSettings") {
         None | Some(Value::Null) => BTreeMap::new(),
         Some(Value::Array(list)) => {
@@ -631,12 +688,23 @@ fn policy(v: &Value) -> Result<Policy, String> {
                     .ok_or_else(|| format!("portLevelSettings[{i}].port.number is required"))?;
                 let l = lb(p).map_err(|e| format!("portLevelSettings[{i}].{e}"))?;
                 ports.insert(number, l);
+                port_resilience.insert(
+                    number,
+                    resilience_of(p).map_err(|e| format!("portLevelSettings[{i}].{e}"))?,
+                );
             }
             ports
         }
         Some(_) => return Err("portLevelSettings: expected a list".into()),
     };
-    Ok(Policy { lb: lb(v)?, ports })
+    let (pool, outlier) = resilience_of(v)?;
+    Ok(Policy {
+        lb: lb(v)?,
+        ports,
+        pool,
+        outlier,
+        port_resilience,
+    })
 }
 
 fn lb(v: &Value) -> Result<Option<LoadBalancer>, String> {
@@ -755,9 +823,6 @@ fn compile_match(m: &Value, field: &str) -> Result<Match, String> {
 }
 
 const UNSUPPORTED_HTTP: &[&str] = &[
-    "timeout",
-    "retries",
-    "fault",
     "mirror",
     "mirrorPercentage",
     "mirrors",
@@ -772,6 +837,7 @@ fn compile_http(
     i: usize,
     r: &Value,
     domain: &str,
+    non_idempotent_retries: bool,
 ) -> Result<HttpRoute, String> {
     let name = opt_str(r, "name").unwrap_or_else(|| format!("http[{i}]"));
     let field = format!("{vs} {name}");
@@ -859,6 +925,8 @@ fn compile_http(
             .map(str::to_owned),
         request_headers: header_ops(r.pointer("/headers/request")),
         response_headers: header_ops(r.pointer("/headers/response")),
+        policy: crate::resilience::RoutePolicy::parse(r, non_idempotent_retries)
+            .map_err(|e| format!("{field}: {e}"))?,
         unsupported: UNSUPPORTED_HTTP
             .iter()
             .filter(|k| r.get(**k).is_some())
@@ -913,6 +981,10 @@ impl RouteTable {
                         t.diagnostics.push(format!("{id}: duplicate name, ignored"));
                         continue;
                     }
+                    // ferry's opt-in (an annotation, so the Istio resource stays valid) to
+                    // replay non-idempotent requests on the retry conditions.
+                    let non_idempotent =
+                        r["metadata"]["annotations"]["ferry.dev/retry-non-idempotent"] == "true";
                     let gateways: Vec<&str> = spec["gateways"]
                         .as_array()
                         .map(|a| a.iter().filter_map(Value::as_str).collect())
@@ -937,7 +1009,14 @@ impl RouteTable {
                     let mut routes = Vec::new();
                     let mut ok = true;
                     for (i, h) in spec["http"].as_array().into_iter().flatten().enumerate() {
-                        match compile_http(&format!("{ns}/{name}"), ns, i, h, domain) {
+                        match compile_http(
+                            &format!("{ns}/{name}"),
+                            ns,
+                            i,
+                            h,
+                            domain,
+                            non_idempotent,
+                        ) {
                             Ok(route) => {
                                 if !route.unsupported.is_empty() {
                                     t.diagnostics.push(format!(
