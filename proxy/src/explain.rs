@@ -121,10 +121,15 @@ pub fn explain(snap: &Snapshot, q: &Query) -> Value {
             })
             .map(|e| e.addr.to_string())
             .collect();
+        let (pool, outlier) = rule
+            .as_ref()
+            .map(|r| r.resilience(subset, port))
+            .unwrap_or_default();
         json!({
             "destinationRule": rule.as_ref().map(|r| r.origin.clone()),
             "subsetLabels": labels,
             "loadBalancer": lb_name(&lb),
+            "resilience": crate::resilience::describe_destination(pool.as_ref(), outlier.as_ref()),
             "endpoints": eps,
             "note": if eps.is_empty() { Value::String("no ready endpoint: requests get 503 no healthy upstream".into()) } else { Value::Null },
         })
@@ -167,6 +172,7 @@ pub fn explain(snap: &Snapshot, q: &Query) -> Value {
     if routes.is_empty() {
         out["verdict"] = json!("no VirtualService for this host: plain service routing");
         out["endpoints"] = endpoints_of(host, port, None);
+        out["policy"] = crate::resilience::describe_route(&Default::default());
         return out;
     }
     let considered: Vec<String> = routes.iter().map(|r| r.origin.clone()).collect();
@@ -196,6 +202,7 @@ pub fn explain(snap: &Snapshot, q: &Query) -> Value {
             if let Some(p) = route.rewrite_path(path) {
                 out["rewrite"] = json!({"uri": p, "authority": route.rewrite_authority});
             }
+            out["policy"] = crate::resilience::describe_route(&route.policy);
             if !route.unsupported.is_empty() {
                 out["notImplemented"] = json!(route.unsupported);
             }

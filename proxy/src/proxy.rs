@@ -449,7 +449,7 @@ impl Proxy {
         let mut labels = self.labels(&c, &snap, &target, "tcp");
         let picked = match (&c.dir, &target) {
             (Direction::Outbound, Target::Service { service, port }) => {
-                self.pick_endpoint(&c, &snap, service, *port, subset, None, &|_: &str| None)
+                self.pick_endpoint(&c, &snap, service, (*port, subset, None), &|_: &str| None)
             }
             _ => self.tcp_upstream(&c, &target),
         };
@@ -787,9 +787,7 @@ impl Proxy {
                 &c,
                 &snap,
                 service,
-                *port,
-                subset.as_deref(),
-                avoid,
+                (*port, subset.as_deref(), avoid),
                 &|name: &str| {
                     let all: Vec<&str> = headers
                         .get_all(name)
@@ -1004,10 +1002,7 @@ impl Proxy {
                 (p, r) => p.or(r),
             };
             let result = match limit {
-                Some(l) => match tokio::time::timeout(l, sent).await {
-                    Ok(r) => Some(r),
-                    Err(_) => None,
-                },
+                Some(l) => tokio::time::timeout(l, sent).await.ok(),
                 None => Some(sent.await),
             };
             let overall_expired = deadline.is_some_and(|d| Instant::now() >= d);
@@ -1156,9 +1151,7 @@ impl Proxy {
         c: &Conn,
         snap: &Snapshot,
         service: &crate::discovery::Service,
-        port: u16,
-        subset: Option<&str>,
-        avoid: Option<SocketAddr>,
+        (port, subset, avoid): (u16, Option<&str>, Option<SocketAddr>),
         header: &dyn Fn(&str) -> Option<String>,
     ) -> Result<SocketAddr, &'static str> {
         use crate::routing::LoadBalancer;

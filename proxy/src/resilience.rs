@@ -669,10 +669,10 @@ impl Outliers {
             .iter()
             .copied()
             .filter(|a| {
-                !hosts
+                hosts
                     .get(a)
                     .and_then(|h| h.ejected_until)
-                    .is_some_and(|t| t > now)
+                    .is_none_or(|t| t <= now)
             })
             .collect();
         if healthy.is_empty()
@@ -691,6 +691,77 @@ impl Outliers {
             .filter_map(|(a, h)| Some((*a, h.ejected_until?.checked_duration_since(now)?)))
             .collect()
     }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{}ms", d.as_millis())
+}
+
+/// For `/explain`: what a route's timeout, retries and fault do.
+pub fn describe_route(p: &RoutePolicy) -> Value {
+    let r = &p.retries;
+    let mut on: Vec<String> = [
+        (r.on.five_xx, "5xx"),
+        (r.on.gateway_error, "gateway-error"),
+        (r.on.connect_failure, "connect-failure"),
+        (r.on.refused_stream, "refused-stream"),
+        (r.on.reset, "reset"),
+        (r.on.retriable_4xx, "retriable-4xx"),
+    ]
+    .iter()
+    .filter(|(b, _)| *b)
+    .map(|(_, n)| (*n).to_owned())
+    .collect();
+    on.extend(r.on.status_codes.iter().map(u16::to_string));
+    on.extend(r.on.grpc.iter().filter_map(|c| {
+        GRPC_CODES
+            .iter()
+            .find(|(_, g)| g == c)
+            .map(|(n, _)| (*n).to_owned())
+    }));
+    let mut v = serde_json::json!({
+        "timeout": p.timeout.map_or("none (no route timeout)".to_owned(), ms),
+        "retries": {
+            "attempts": r.attempts,
+            "perTryTimeout": r.per_try_timeout.map(ms),
+            "retryOn": on.join(","),
+            "replays": if r.non_idempotent {
+                "any method (ferry.dev/retry-non-idempotent)"
+            } else {
+                "idempotent requests, or any request the upstream never received"
+            },
+        },
+    });
+    if let Some(f) = &p.fault {
+        v["fault"] = serde_json::json!({
+            "delay": f.delay.as_ref().map(|(d, pct)| format!("{} for {pct}% of requests", ms(*d))),
+            "abort": f.abort.as_ref().map(|(a, pct)| match a {
+                Abort::Http(c) => format!("HTTP {c} for {pct}% of requests"),
+                Abort::Grpc(n, _) => format!("gRPC {n} for {pct}% of requests"),
+            }),
+        });
+    }
+    v
+}
+
+/// For `/explain`: a destination's connection pool and outlier detection.
+pub fn describe_destination(pool: Option<&PoolLimits>, outlier: Option<&OutlierPolicy>) -> Value {
+    serde_json::json!({
+        "connectionPool": pool.map(|p| serde_json::json!({
+            "maxConnections": p.max_connections,
+            "http1MaxPendingRequests": p.max_pending,
+            "http2MaxRequests": p.max_requests,
+            "maxRetries": p.max_retries,
+            "overflow": "rejected at once with 503 (UO)",
+        })),
+        "outlierDetection": outlier.map(|o| serde_json::json!({
+            "consecutive5xxErrors": o.consecutive_5xx,
+            "consecutiveGatewayErrors": o.consecutive_gateway,
+            "baseEjectionTime": ms(o.base_ejection),
+            "maxEjectionPercent": o.max_ejection_percent,
+            "minHealthPercent": o.min_health_percent,
+        })),
+    })
 }
 
 #[cfg(test)]

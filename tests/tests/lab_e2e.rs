@@ -3,48 +3,11 @@
 //! namespaces with `ferry-init` and `ferry-proxy` (UID 1337), traffic measured from inside pods.
 //! Needs root; under `CI=true` these fail rather than skip.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use ferry_tests::lab::{Lab, cli, demo, net};
+use ferry_tests::lab::testing::{TestLab, exec_stdout, first_with_prefix, pods_by_name, rt};
+use ferry_tests::lab::{cli, demo, net};
 use serde_json::Value;
-
-static N: AtomicU32 = AtomicU32::new(0);
-
-/// A lab of its own for one test, removed on drop (also when the test fails).
-struct TestLab(Lab);
-
-impl TestLab {
-    fn up() -> TestLab {
-        let bin_dir = ferry_tests::workspace_bin("ferry-lab")
-            .parent()
-            .expect("bin dir")
-            .to_path_buf();
-        let name = format!(
-            "t{}{}",
-            std::process::id() % 10_000,
-            N.fetch_add(1, Ordering::SeqCst)
-        );
-        let lab = Lab::new(&name, None, bin_dir).expect("lab name");
-        let msg = cli::up(&lab, &mut |m: &str| eprintln!("[{name}] {m}")).expect("lab up");
-        eprintln!("{msg}");
-        TestLab(lab)
-    }
-}
-
-impl Drop for TestLab {
-    fn drop(&mut self) {
-        let _ = cli::down(&self.0, &mut |_: &str| {});
-    }
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
 
 const CLUSTER: &str = r#"
 apiVersion: v1
@@ -125,33 +88,6 @@ fn injected(pod: &Value) -> bool {
         "half-injected pod: {all:?}"
     );
     has("istio-proxy")
-}
-
-async fn pods_by_name(lab: &Lab, ns: &str) -> BTreeMap<String, Value> {
-    cli::list(lab, "pods", Some(ns))
-        .await
-        .expect("list pods")
-        .into_iter()
-        .map(|p| (p["metadata"]["name"].as_str().unwrap_or("").to_owned(), p))
-        .collect()
-}
-
-fn first_with_prefix(pods: &BTreeMap<String, Value>, prefix: &str) -> String {
-    pods.keys()
-        .find(|n| n.starts_with(prefix))
-        .unwrap_or_else(|| panic!("no pod {prefix}*: {:?}", pods.keys()))
-        .clone()
-}
-
-async fn exec_stdout(lab: &Lab, pod: &str, ns: &str, c: Option<&str>, cmd: &[&str]) -> String {
-    let out = cli::exec_output(lab, pod, ns, c, cmd).await.expect("exec");
-    assert!(
-        out.status.success(),
-        "{cmd:?} in {ns}/{pod} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]

@@ -111,6 +111,12 @@ enum Cmd {
         version: String,
         #[arg(long = "port", required = true)]
         ports: Vec<u16>,
+        /// Answer every request with this status
+        #[arg(long)]
+        status: Option<u16>,
+        /// Answer the first N requests with 503
+        #[arg(long, default_value = "0")]
+        fail_first: u32,
     },
     /// Send N HTTP GETs over a keep-alive connection and tally the echo servers' answers
     Http {
@@ -126,6 +132,12 @@ enum Cmd {
         /// HTTP/2 with prior knowledge (h2c)
         #[arg(long)]
         http2: bool,
+        /// Connections used at once
+        #[arg(short = 'c', long, default_value = "1")]
+        concurrency: u64,
+        /// Request method
+        #[arg(short = 'X', long, default_value = "GET")]
+        method: String,
     },
     /// Send one line over TCP and print the answer's first line
     Tcp { target: String, line: String },
@@ -249,6 +261,8 @@ fn run(args: Args) -> Result<Option<String>, LabError> {
             namespace,
             version,
             ports,
+            status,
+            fail_first,
         } => runtime()?
             .block_on(echo::serve(
                 echo::Identity {
@@ -256,6 +270,7 @@ fn run(args: Args) -> Result<Option<String>, LabError> {
                     namespace,
                     version,
                 },
+                echo::Behaviour { status, fail_first },
                 &ports,
             ))
             .map(|()| None),
@@ -265,6 +280,8 @@ fn run(args: Args) -> Result<Option<String>, LabError> {
             headers,
             json,
             http2,
+            concurrency,
+            method,
         } => {
             let headers = headers
                 .iter()
@@ -276,7 +293,16 @@ fn run(args: Args) -> Result<Option<String>, LabError> {
                         })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let t = runtime()?.block_on(echo::load_with(&url, count, &headers, http2))?;
+            let t = runtime()?.block_on(echo::load_opts(
+                &url,
+                &echo::LoadOptions {
+                    requests: count,
+                    headers,
+                    http2,
+                    concurrency,
+                    method,
+                },
+            ))?;
             if json {
                 return Ok(Some(serde_json::to_string(&t).unwrap_or_default()));
             }

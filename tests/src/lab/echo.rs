@@ -26,6 +26,22 @@ pub struct Identity {
     pub version: String,
 }
 
+/// How the echo server misbehaves on purpose (for resilience tests): a fixed status, or 503 for
+/// its first N requests. Per request: `/status/NNN` answers NNN, `/delay/MS` waits first.
+/// `GET /echo/count` reports the requests received by method (not counted itself).
+#[derive(Clone, Debug, Default)]
+pub struct Behaviour {
+    pub status: Option<u16>,
+    pub fail_first: u32,
+}
+
+struct State {
+    id: Identity,
+    behaviour: Behaviour,
+    served: std::sync::atomic::AtomicU32,
+    by_method: std::sync::Mutex<BTreeMap<String, u64>>,
+}
+
 impl Identity {
     fn json(&self) -> Value {
         json!({"pod": self.pod, "namespace": self.namespace, "version": self.version})
@@ -34,8 +50,13 @@ impl Identity {
 
 /// Listen on every port (all addresses) and serve until killed. A port already in use is an
 /// error naming it, so the container fails visibly (and the kubelet restarts it).
-pub async fn serve(id: Identity, ports: &[u16]) -> Result<(), LabError> {
-    let id = Arc::new(id);
+pub async fn serve(id: Identity, behaviour: Behaviour, ports: &[u16]) -> Result<(), LabError> {
+    let state = Arc::new(State {
+        id: id.clone(),
+        behaviour,
+        served: Default::default(),
+        by_method: Default::default(),
+    });
     let mut tasks = Vec::new();
     for &port in ports {
         let l = TcpListener::bind(("0.0.0.0", port))
@@ -45,13 +66,13 @@ pub async fn serve(id: Identity, ports: &[u16]) -> Result<(), LabError> {
             "echo: {} ({}/{}) listening on :{port}",
             id.pod, id.namespace, id.version
         );
-        let id = id.clone();
+        let state = state.clone();
         tasks.push(tokio::spawn(async move {
             loop {
                 let Ok((s, peer)) = l.accept().await else {
                     continue;
                 };
-                tokio::spawn(conn(id.clone(), s, peer));
+                tokio::spawn(conn(state.clone(), s, peer));
             }
         }));
     }
@@ -78,14 +99,14 @@ fn looks_like_http(b: &[u8]) -> bool {
         .any(|m| b.starts_with(m) || (b.len() < m.len() && m.starts_with(b)))
 }
 
-async fn conn(id: Arc<Identity>, s: TcpStream, peer: SocketAddr) {
+async fn conn(state: Arc<State>, s: TcpStream, peer: SocketAddr) {
     let mut first = [0u8; 8];
     let n = match s.peek(&mut first).await {
         Ok(n) if n > 0 => n,
         _ => return,
     };
     if looks_like_http(&first[..n]) {
-        let svc = hyper::service::service_fn(move |req| answer(id.clone(), peer, req));
+        let svc = hyper::service::service_fn(move |req| answer(state.clone(), peer, req));
         let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
             .serve_connection(TokioIo::new(s), svc)
             .await;
@@ -95,7 +116,7 @@ async fn conn(id: Arc<Identity>, s: TcpStream, peer: SocketAddr) {
     let (r, mut w) = s.into_split();
     let mut lines = BufReader::new(r).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        let mut v = id.json();
+        let mut v = state.id.json();
         v["protocol"] = json!("TCP");
         v["received"] = json!(line);
         v["peer"] = json!(peer.to_string());
@@ -107,11 +128,44 @@ async fn conn(id: Arc<Identity>, s: TcpStream, peer: SocketAddr) {
 }
 
 async fn answer(
-    id: Arc<Identity>,
+    state: Arc<State>,
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let mut v = id.json();
+    let path = req.uri().path().to_owned();
+    if path == "/echo/count" {
+        let counts = state
+            .by_method
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default();
+        return Ok(Response::new(Full::new(Bytes::from(format!(
+            "{}\n",
+            json!(counts)
+        )))));
+    }
+    let n = state
+        .served
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    if let Ok(mut m) = state.by_method.lock() {
+        *m.entry(req.method().as_str().to_owned()).or_default() += 1;
+    }
+    let segment = |name: &str| -> Option<u64> {
+        let mut it = path.split('/');
+        it.position(|p| p == name)?;
+        it.next()?.parse().ok()
+    };
+    if let Some(ms) = segment("delay") {
+        tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
+    }
+    let status = if n < state.behaviour.fail_first {
+        503
+    } else if let Some(s) = segment("status") {
+        s as u16
+    } else {
+        state.behaviour.status.unwrap_or(200)
+    };
+    let mut v = state.id.json();
     let headers: BTreeMap<String, String> = req
         .headers()
         .iter()
@@ -142,6 +196,7 @@ async fn answer(
         .unwrap_or_default();
     v["body_bytes"] = json!(body.len());
     let mut resp = Response::new(Full::new(Bytes::from(format!("{v}\n"))));
+    *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::OK);
     resp.headers_mut()
         .insert("content-type", "application/json".parse().expect("header"));
     Ok(resp)
@@ -156,10 +211,36 @@ pub struct Tally {
     pub by_version: BTreeMap<String, u64>,
     pub by_pod: BTreeMap<String, u64>,
     pub statuses: BTreeMap<u16, u64>,
+    /// Fastest and slowest answer per status, in milliseconds.
+    pub min_ms_by_status: BTreeMap<u16, f64>,
+    pub max_ms_by_status: BTreeMap<u16, f64>,
     /// The first error, if any.
     pub first_error: Option<String>,
     /// The last response body (for single requests).
     pub last_body: String,
+}
+
+/// A load run's shape.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub requests: u64,
+    pub headers: Vec<(String, String)>,
+    pub http2: bool,
+    /// Connections used at once (each sends its share of the requests in sequence).
+    pub concurrency: u64,
+    pub method: String,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            requests: 1,
+            headers: vec![],
+            http2: false,
+            concurrency: 1,
+            method: "GET".into(),
+        }
+    }
 }
 
 /// Send `n` GETs to `url` (http://host[:port]/path) over one keep-alive connection
@@ -175,6 +256,75 @@ pub async fn load_with(
     headers: &[(String, String)],
     http2: bool,
 ) -> Result<Tally, LabError> {
+    load_opts(
+        url,
+        &LoadOptions {
+            requests: n,
+            headers: headers.to_vec(),
+            http2,
+            ..LoadOptions::default()
+        },
+    )
+    .await
+}
+
+/// Run `opts.requests` requests over `opts.concurrency` connections and merge the tallies.
+pub async fn load_opts(url: &str, opts: &LoadOptions) -> Result<Tally, LabError> {
+    let c = opts.concurrency.clamp(1, 1000);
+    let mut tasks = Vec::new();
+    for i in 0..c {
+        let share = opts.requests / c + u64::from(i < opts.requests % c);
+        let (url, opts) = (url.to_owned(), opts.clone());
+        tasks.push(tokio::spawn(
+            async move { load_one(&url, share, &opts).await },
+        ));
+    }
+    let mut total = Tally::default();
+    for t in tasks {
+        let t = t
+            .await
+            .map_err(|e| LabError::State(format!("load task: {e}")))??;
+        total.merge(t);
+    }
+    Ok(total)
+}
+
+impl Tally {
+    fn merge(&mut self, t: Tally) {
+        self.requests += t.requests;
+        self.ok += t.ok;
+        self.errors += t.errors;
+        for (k, v) in t.by_version {
+            *self.by_version.entry(k).or_default() += v;
+        }
+        for (k, v) in t.by_pod {
+            *self.by_pod.entry(k).or_default() += v;
+        }
+        for (k, v) in t.statuses {
+            *self.statuses.entry(k).or_default() += v;
+        }
+        for (k, v) in t.min_ms_by_status {
+            let e = self.min_ms_by_status.entry(k).or_insert(v);
+            *e = e.min(v);
+        }
+        for (k, v) in t.max_ms_by_status {
+            let e = self.max_ms_by_status.entry(k).or_insert(v);
+            *e = e.max(v);
+        }
+        if self.first_error.is_none() {
+            self.first_error = t.first_error;
+        }
+        if !t.last_body.is_empty() {
+            self.last_body = t.last_body;
+        }
+    }
+}
+
+async fn load_one(url: &str, n: u64, opts: &LoadOptions) -> Result<Tally, LabError> {
+    let (headers, http2) = (&opts.headers, opts.http2);
+    let method = hyper::Method::from_bytes(opts.method.as_bytes())
+        .map_err(|_| LabError::Invalid(format!("{:?} is not an HTTP method", opts.method)))?;
+
     let rest = url
         .strip_prefix("http://")
         .ok_or_else(|| LabError::Invalid(format!("{url}: only http:// URLs are supported")))?;
@@ -196,6 +346,7 @@ pub async fn load_with(
     let mut sender: Option<Sender> = None;
     for _ in 0..n {
         tally.requests += 1;
+        let began = std::time::Instant::now();
         let result = async {
             if sender.as_ref().is_none_or(Sender::is_closed) {
                 let s = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
@@ -221,9 +372,14 @@ pub async fn load_with(
             }
             let tx = sender.as_mut().ok_or("no connection")?;
             let mut req = if http2 {
-                Request::get(format!("http://{authority}{path}"))
+                Request::builder()
+                    .method(method.clone())
+                    .uri(format!("http://{authority}{path}"))
             } else {
-                Request::get(path).header("host", authority)
+                Request::builder()
+                    .method(method.clone())
+                    .uri(path)
+                    .header("host", authority)
             };
             for (k, v) in headers {
                 req = req.header(k.as_str(), v.as_str());
@@ -247,7 +403,12 @@ pub async fn load_with(
         .await;
         match result {
             Ok((code, body)) => {
+                let ms = began.elapsed().as_secs_f64() * 1000.0;
                 *tally.statuses.entry(code).or_default() += 1;
+                let lo = tally.min_ms_by_status.entry(code).or_insert(ms);
+                *lo = lo.min(ms);
+                let hi = tally.max_ms_by_status.entry(code).or_insert(ms);
+                *hi = hi.max(ms);
                 if (200..300).contains(&code) {
                     tally.ok += 1;
                 } else {
@@ -344,7 +505,17 @@ mod tests {
             namespace: "canary".into(),
             version: "v2".into(),
         };
-        tokio::spawn(async move { serve(id, &[port]).await });
+        tokio::spawn(async move {
+            serve(
+                id,
+                Behaviour {
+                    fail_first: 1,
+                    status: None,
+                },
+                &[port],
+            )
+            .await
+        });
         let target = format!("127.0.0.1:{port}");
         let mut tries = 0;
         while TcpStream::connect(&target).await.is_err() {
@@ -354,13 +525,23 @@ mod tests {
         }
         let t = load(
             &format!("http://{target}/hello"),
-            3,
+            4,
             &[("end-user".into(), "jason".into())],
         )
         .await
         .expect("load");
-        assert_eq!((t.ok, t.errors), (3, 0));
-        assert_eq!(t.by_version.get("v2"), Some(&3));
+        // The first request fails on purpose (fail_first: 1).
+        assert_eq!((t.ok, t.errors), (3, 1), "{t:?}");
+        assert_eq!(t.statuses.get(&503), Some(&1));
+        assert_eq!(t.by_version.get("v2"), Some(&4));
+        let t2 = load(&format!("http://{target}/status/418/delay/50"), 1, &[])
+            .await
+            .expect("status");
+        assert_eq!(t2.statuses.get(&418), Some(&1), "{t2:?}");
+        let t3 = load(&format!("http://{target}/echo/count"), 1, &[])
+            .await
+            .expect("count");
+        assert!(t3.last_body.contains("\"GET\":5"), "{}", t3.last_body);
         let v: Value = serde_json::from_str(&t.last_body).expect("json");
         assert_eq!(v["path"], "/hello");
         assert_eq!(v["headers"]["end-user"], "jason");
@@ -399,6 +580,7 @@ mod tests {
                 namespace: "n".into(),
                 version: String::new(),
             },
+            Behaviour::default(),
             &[port],
         )
         .await

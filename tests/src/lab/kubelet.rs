@@ -349,6 +349,8 @@ fn command(p: &PodCtx, ctr: &Ctr) -> Result<tokio::process::Command, String> {
                 a.push("--port".into());
                 a.push(port.to_string());
             }
+            // The container's own args tune the echo server (--status, --fail-first).
+            a.extend(plan.args.iter().cloned());
             (lab.bin("ferry-lab"), a)
         }
         Program::Host(path) => (PathBuf::from(path), plan.args.clone()),

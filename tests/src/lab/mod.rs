@@ -23,6 +23,7 @@ pub mod echo;
 pub mod kubelet;
 pub mod model;
 pub mod net;
+pub mod testing;
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
