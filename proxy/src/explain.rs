@@ -203,6 +203,16 @@ pub fn explain(snap: &Snapshot, q: &Query) -> Value {
                 out["rewrite"] = json!({"uri": p, "authority": route.rewrite_authority});
             }
             out["policy"] = crate::resilience::describe_route(&route.policy);
+            if !route.mirrors.is_empty() {
+                out["mirrors"] = route
+                    .mirrors
+                    .iter()
+                    .map(|(d, pct)| json!({"host": d.host, "subset": d.subset, "percent": pct}))
+                    .collect();
+            }
+            if let Some(c) = &route.cors {
+                out["cors"] = json!({"allowOrigins": c.allow_origins.len(), "allowMethods": c.allow_methods, "allowCredentials": c.allow_credentials});
+            }
             if !route.unsupported.is_empty() {
                 out["notImplemented"] = json!(route.unsupported);
             }

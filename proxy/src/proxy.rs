@@ -677,6 +677,28 @@ impl Proxy {
             Target::Service { service, .. } => service.hostname.clone(),
             _ => "unknown".to_owned(),
         };
+        // CORS: a preflight for an allowed origin is answered here; other requests get the
+        // allow headers on their response.
+        let origin = req
+            .headers()
+            .get(hyper::header::ORIGIN)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let cors = applied
+            .as_ref()
+            .and_then(|r| r.cors.clone())
+            .filter(|c| origin.as_deref().is_some_and(|o| c.allows(o)));
+        if let (Some(cors), Some(origin)) = (&cors, &origin)
+            && req.method() == hyper::Method::OPTIONS
+            && req
+                .headers()
+                .contains_key(hyper::header::ACCESS_CONTROL_REQUEST_METHOD)
+        {
+            let mut r = full(StatusCode::OK, "");
+            cors_headers(r.headers_mut(), cors, origin, true);
+            let labels = self.labels(&c, &snap, &target, "http");
+            return self.finish(labels, started, r, &c, &req_line(&req), None);
+        }
         // Fault injection applies on the route, before any upstream is chosen.
         let mut fault_flag: Option<&'static str> = None;
         if let Some(f) = applied.as_ref().and_then(|r| r.policy.fault.as_ref()) {
@@ -906,7 +928,11 @@ impl Proxy {
                 .upper()
                 .is_some_and(|u| u <= MAX_BUFFERED);
         let mut body = Some(body);
-        let buffered: Option<Bytes> = if retries.attempts > 0 && small {
+        let mirrors = applied
+            .as_ref()
+            .map(|r| r.mirrors.as_slice())
+            .unwrap_or(&[]);
+        let buffered: Option<Bytes> = if (retries.attempts > 0 || !mirrors.is_empty()) && small {
             match body.take().map(|b| b.collect()) {
                 Some(f) => match f.await {
                     Ok(b) => Some(b.to_bytes()),
@@ -921,7 +947,18 @@ impl Proxy {
             retries.attempts = 0;
             None
         };
+        // Mirrors get a copy of the (buffered) request; their answers are discarded.
+        match &buffered {
+            Some(bytes) => self.spawn_mirrors(&snap, mirrors, &parts, &pq, bytes),
+            None if !mirrors.is_empty() => {
+                debug!("request body too large or streaming: not mirrored");
+                self.metrics.event(&service_name, "mirror_skipped");
+            }
+            None => {}
+        }
         let deadline = timeout.map(|t| started + t);
+        let one_request_per_connection =
+            pool.as_ref().and_then(|p| p.max_requests_per_connection) == Some(1);
         let rebuild = |uri: Uri| {
             let mut b = Request::builder()
                 .method(parts.method.clone())
@@ -935,6 +972,12 @@ impl Proxy {
                 *h = parts.headers.clone();
                 if use_h2 {
                     h.remove(hyper::header::HOST);
+                } else if one_request_per_connection {
+                    // maxRequestsPerConnection: 1 — the upstream connection is not reused.
+                    h.insert(
+                        hyper::header::CONNECTION,
+                        hyper::header::HeaderValue::from_static("close"),
+                    );
                 }
             }
             b
@@ -1123,6 +1166,9 @@ impl Proxy {
                     if let Some(route) = &applied {
                         edit_headers(r.headers_mut(), &route.response_headers);
                     }
+                    if let (Some(cors), Some(origin)) = (&cors, &origin) {
+                        cors_headers(r.headers_mut(), cors, origin, false);
+                    }
                     r
                 }
                 Err((status, flag, msg)) => {
@@ -1141,6 +1187,71 @@ impl Proxy {
                 }
             };
             return self.finish(labels, started, resp, &c, &line, req_len);
+        }
+    }
+
+    /// Send a copy of the request to each mirror destination its percentage selects, with the
+    /// authority suffixed `-shadow` (as Envoy does); fire-and-forget.
+    fn spawn_mirrors(
+        &self,
+        snap: &Snapshot,
+        mirrors: &[(crate::routing::Destination, f64)],
+        parts: &hyper::http::request::Parts,
+        pq: &str,
+        body: &Bytes,
+    ) {
+        for (d, pct) in mirrors {
+            if !resilience::hits(*pct, roll()) {
+                continue;
+            }
+            let Some(svc) = snap.service_by_host(&d.host, &self.cfg.pod_namespace) else {
+                debug!(host = %d.host, "mirror destination is not a known service");
+                continue;
+            };
+            let port = d
+                .port
+                .or_else(|| svc.ports.first().map(|p| p.port))
+                .unwrap_or(80);
+            let conn = Conn {
+                dir: Direction::Outbound,
+                peer: SocketAddr::from(([127, 0, 0, 1], 0)),
+                orig: SocketAddr::from(([0, 0, 0, 0], port)),
+            };
+            let Ok(endpoint) = self.pick_endpoint(
+                &conn,
+                snap,
+                &svc,
+                (port, d.subset.as_deref(), None),
+                &|_: &str| None,
+            ) else {
+                continue;
+            };
+            let host = parts
+                .headers
+                .get(hyper::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or(&d.host);
+            let shadow = match host.rsplit_once(':') {
+                Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => format!("{h}-shadow:{p}"),
+                _ => format!("{host}-shadow"),
+            };
+            let mut b = Request::builder()
+                .method(parts.method.clone())
+                .uri(format!("http://{endpoint}{pq}"));
+            if let Some(h) = b.headers_mut() {
+                *h = parts.headers.clone();
+                if let Ok(v) = hyper::header::HeaderValue::from_str(&shadow) {
+                    h.insert(hyper::header::HOST, v);
+                }
+            }
+            let Ok(req) = b.body(Full::new(body.clone())) else {
+                continue;
+            };
+            self.metrics.event(&svc.hostname, "mirror");
+            let fut = self.h1_out_buf.request(req);
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(30), fut).await;
+            });
         }
     }
 
@@ -1397,4 +1508,43 @@ fn version_of(w: &crate::discovery::Workload) -> String {
         .or_else(|| w.labels.get("app.kubernetes.io/version"))
         .cloned()
         .unwrap_or_else(|| "unknown".into())
+}
+
+/// The CORS response headers for an allowed origin (`preflight`: also methods, headers, max age).
+fn cors_headers(
+    h: &mut hyper::HeaderMap,
+    cors: &crate::routing::Cors,
+    origin: &str,
+    preflight: bool,
+) {
+    use hyper::header::{self, HeaderValue};
+    let mut set = |name: header::HeaderName, value: &str| {
+        if !value.is_empty()
+            && let Ok(v) = HeaderValue::from_str(value)
+        {
+            h.insert(name, v);
+        }
+    };
+    set(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    if cors.allow_credentials {
+        set(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, "true");
+    }
+    if preflight {
+        set(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            &cors.allow_methods.join(","),
+        );
+        set(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            &cors.allow_headers.join(","),
+        );
+        if let Some(age) = cors.max_age {
+            set(header::ACCESS_CONTROL_MAX_AGE, &age.as_secs().to_string());
+        }
+    } else {
+        set(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            &cors.expose_headers.join(","),
+        );
+    }
 }

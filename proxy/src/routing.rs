@@ -149,6 +149,130 @@ pub struct Destination {
     pub weight: u32,
 }
 
+/// `corsPolicy`.
+#[derive(Clone, Debug)]
+pub struct Cors {
+    pub allow_origins: Vec<StringMatch>,
+    pub allow_methods: Vec<String>,
+    pub allow_headers: Vec<String>,
+    pub expose_headers: Vec<String>,
+    pub max_age: Option<std::time::Duration>,
+    pub allow_credentials: bool,
+}
+
+impl Cors {
+    fn parse(v: &Value, field: &str) -> Result<Cors, String> {
+        let list = |k: &str| -> Vec<String> {
+            v.get(k)
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let mut allow_origins = Vec::new();
+        for (i, o) in v
+            .get("allowOrigins")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            allow_origins.push(StringMatch::parse(
+                o,
+                &format!("{field}.allowOrigins[{i}]"),
+            )?);
+        }
+        // The deprecated `allowOrigin` list holds exact origins.
+        allow_origins.extend(list("allowOrigin").into_iter().map(StringMatch::Exact));
+        let max_age = match v.get("maxAge").and_then(Value::as_str) {
+            Some(s) => Some(
+                crate::resilience::parse_duration(s).map_err(|e| format!("{field}.maxAge: {e}"))?,
+            ),
+            None => None,
+        };
+        Ok(Cors {
+            allow_origins,
+            allow_methods: list("allowMethods"),
+            allow_headers: list("allowHeaders"),
+            expose_headers: list("exposeHeaders"),
+            max_age,
+            allow_credentials: v.get("allowCredentials").and_then(Value::as_bool) == Some(true),
+        })
+    }
+
+    /// Whether a request from `origin` is allowed (`*` allows every origin).
+    pub fn allows(&self, origin: &str) -> bool {
+        self.allow_origins.iter().any(|m| match m {
+            StringMatch::Exact(s) if s == "*" => true,
+            m => m.matches(origin, false),
+        })
+    }
+}
+
+fn mirror_destination(
+    d: &Value,
+    ns: &str,
+    domain: &str,
+    field: &str,
+) -> Result<Destination, String> {
+    let host = d
+        .get("host")
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("{field}.host is required"))?;
+    Ok(Destination {
+        host: fqdn(host, ns, domain),
+        subset: d.get("subset").and_then(Value::as_str).map(str::to_owned),
+        port: d
+            .pointer("/port/number")
+            .and_then(Value::as_u64)
+            .and_then(|p| u16::try_from(p).ok()),
+        weight: 100,
+    })
+}
+
+fn mirror_percent(v: &Value) -> f64 {
+    v.pointer("/mirrorPercentage/value")
+        .or_else(|| v.pointer("/percentage/value"))
+        .and_then(Value::as_f64)
+        .or_else(|| v.get("mirror_percent").and_then(Value::as_f64))
+        .unwrap_or(100.0)
+        .clamp(0.0, 100.0)
+}
+
+/// `mirror` (+ `mirrorPercentage`) and `mirrors[]`.
+fn compile_mirrors(
+    r: &Value,
+    ns: &str,
+    domain: &str,
+    field: &str,
+) -> Result<Vec<(Destination, f64)>, String> {
+    let mut out = Vec::new();
+    if let Some(m) = r.get("mirror").filter(|m| !m.is_null()) {
+        out.push((
+            mirror_destination(m, ns, domain, &format!("{field}.mirror"))?,
+            mirror_percent(r),
+        ));
+    }
+    for (i, m) in r
+        .get("mirrors")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let f = format!("{field}.mirrors[{i}]");
+        let d = m
+            .get("destination")
+            .ok_or_else(|| format!("{f}.destination is required"))?;
+        out.push((mirror_destination(d, ns, domain, &f)?, mirror_percent(m)));
+    }
+    Ok(out)
+}
+
 /// Header edits (`headers.request` / `headers.response`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HeaderOps {
@@ -182,6 +306,9 @@ pub struct HttpRoute {
     pub response_headers: HeaderOps,
     /// timeout, retries, fault.
     pub policy: crate::resilience::RoutePolicy,
+    /// Traffic mirrored (fire-and-forget) and the share of requests mirrored, in percent.
+    pub mirrors: Vec<(Destination, f64)>,
+    pub cors: Option<Cors>,
     /// Fields accepted but not implemented yet (reported, never silently ignored).
     pub unsupported: Vec<String>,
 }
@@ -822,14 +949,7 @@ fn compile_match(m: &Value, field: &str) -> Result<Match, String> {
     })
 }
 
-const UNSUPPORTED_HTTP: &[&str] = &[
-    "mirror",
-    "mirrorPercentage",
-    "mirrors",
-    "corsPolicy",
-    "delegate",
-    "directResponse",
-];
+const UNSUPPORTED_HTTP: &[&str] = &["delegate", "directResponse"];
 
 fn compile_http(
     vs: &str,
@@ -927,6 +1047,12 @@ fn compile_http(
         response_headers: header_ops(r.pointer("/headers/response")),
         policy: crate::resilience::RoutePolicy::parse(r, non_idempotent_retries)
             .map_err(|e| format!("{field}: {e}"))?,
+        mirrors: compile_mirrors(r, ns, domain, &field)?,
+        cors: r
+            .get("corsPolicy")
+            .filter(|c| !c.is_null())
+            .map(|c| Cors::parse(c, &format!("{field}.corsPolicy")))
+            .transpose()?,
         unsupported: UNSUPPORTED_HTTP
             .iter()
             .filter(|k| r.get(**k).is_some())

@@ -105,6 +105,18 @@ spec:
   - match: [{uri: {prefix: /slow}}]
     timeout: 0.5s
     route: [{destination: {host: app}}]
+  - match: [{headers: {x-test: {exact: mirror}}}]
+    mirror: {host: shadow}
+    mirrorPercentage: {value: 100.0}
+    route: [{destination: {host: app}}]
+  - match: [{headers: {x-test: {exact: cors}}}]
+    corsPolicy:
+      allowOrigins: [{exact: "https://shop.example.com"}]
+      allowMethods: [GET, POST]
+      allowHeaders: [x-user]
+      maxAge: 24h
+      allowCredentials: true
+    route: [{destination: {host: app}}]
   - route: [{destination: {host: app}}]
 ---
 apiVersion: networking.istio.io/v1
@@ -176,13 +188,14 @@ fn resilience_policies_through_the_sidecars() {
         let mut manifest = "apiVersion: v1\nkind: Namespace\nmetadata: {name: res, labels: {istio-injection: enabled}}\n".to_owned();
         manifest.push_str(&deployment("app", &[]));
         manifest.push_str(&deployment("narrow", &[]));
+        manifest.push_str(&deployment("shadow", &[]));
         manifest.push_str(&deployment("flaky-get", &["--fail-first", "2"]));
         manifest.push_str(&deployment("flaky-post", &["--fail-first", "2"]));
         manifest.push_str(&deployment("flaky-hdr", &["--fail-first", "2"]));
         manifest.push_str(MIXED);
         cli::apply(lab, &manifest, "res.yaml", "default").await.expect("apply");
         cli::apply(lab, POLICIES, "policies.yaml", "res").await.expect("policies");
-        cli::wait_ready(lab, "res", 8, Duration::from_secs(120), &mut |_: &str| {})
+        cli::wait_ready(lab, "res", 9, Duration::from_secs(120), &mut |_: &str| {})
             .await
             .expect("ready");
         let pods = pods_by_name(lab, "res").await;
@@ -259,6 +272,40 @@ fn resilience_policies_through_the_sidecars() {
         tokio::time::sleep(Duration::from_millis(3500)).await;
         let again = load(lab, &client, "http://mixed/", &["-n", "10"]).await;
         assert!(count(&again, 503) >= 1, "restored after the ejection time: {again:?}");
+
+        // Mirroring: every request also goes to `shadow` (authority suffixed -shadow); the
+        // client only ever sees app's answers.
+        let mirrored = load(lab, &client, "http://app/", &["-n", "5", "-H", "x-test: mirror"]).await;
+        assert_eq!(count(&mirrored, 200), 5, "{mirrored:?}");
+        assert!(mirrored.by_pod.keys().all(|p| p.starts_with("app-")), "{mirrored:?}");
+        let started = std::time::Instant::now();
+        loop {
+            let seen = exec_stdout(lab, &client, "res", None, &["ferry-lab", "http", "http://shadow/echo/count"]).await;
+            if seen.contains("\"GET\":5") {
+                assert!(seen.contains("\"app-shadow\":5"), "mirrored with the -shadow authority: {seen}");
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(10), "mirror copies not seen: {seen}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+
+        // CORS: an allowed origin's preflight is answered by the sidecar; its requests get the
+        // allow header; another origin gets none.
+        let curl = async |args: &[&str]| {
+            let mut cmd = vec!["curl", "-s", "-i", "-H", "x-test: cors"];
+            cmd.extend_from_slice(args);
+            cmd.push("http://app/");
+            exec_stdout(lab, &client, "res", None, &cmd).await.to_ascii_lowercase()
+        };
+        let pre = curl(&["-X", "OPTIONS", "-H", "Origin: https://shop.example.com", "-H", "Access-Control-Request-Method: POST"]).await;
+        assert!(pre.starts_with("http/1.1 200"), "{pre}");
+        for want in ["access-control-allow-origin: https://shop.example.com", "access-control-allow-methods: get,post", "access-control-max-age: 86400", "access-control-allow-credentials: true"] {
+            assert!(pre.contains(want), "{want}: {pre}");
+        }
+        let simple = curl(&["-H", "Origin: https://shop.example.com"]).await;
+        assert!(simple.contains("access-control-allow-origin: https://shop.example.com") && simple.contains("\"pod\":\"app-"), "{simple}");
+        let other = curl(&["-H", "Origin: https://evil.example.com"]).await;
+        assert!(!other.contains("access-control-allow-origin"), "{other}");
 
         // Every event is counted by the client's sidecar.
         let metrics = exec_stdout(lab, &client, "res", Some("istio-proxy"), &["ferry-lab", "http", "http://127.0.0.1:15090/stats/prometheus"]).await;

@@ -28,7 +28,7 @@ pub struct Identity {
 
 /// How the echo server misbehaves on purpose (for resilience tests): a fixed status, or 503 for
 /// its first N requests. Per request: `/status/NNN` answers NNN, `/delay/MS` waits first.
-/// `GET /echo/count` reports the requests received by method (not counted itself).
+/// `GET /echo/count` reports the requests received by method and by Host (not counted itself).
 #[derive(Clone, Debug, Default)]
 pub struct Behaviour {
     pub status: Option<u16>,
@@ -40,6 +40,7 @@ struct State {
     behaviour: Behaviour,
     served: std::sync::atomic::AtomicU32,
     by_method: std::sync::Mutex<BTreeMap<String, u64>>,
+    by_host: std::sync::Mutex<BTreeMap<String, u64>>,
 }
 
 impl Identity {
@@ -56,6 +57,7 @@ pub async fn serve(id: Identity, behaviour: Behaviour, ports: &[u16]) -> Result<
         behaviour,
         served: Default::default(),
         by_method: Default::default(),
+        by_host: Default::default(),
     });
     let mut tasks = Vec::new();
     for &port in ports {
@@ -139,10 +141,20 @@ async fn answer(
             .lock()
             .map(|m| m.clone())
             .unwrap_or_default();
+        let hosts = state.by_host.lock().map(|m| m.clone()).unwrap_or_default();
         return Ok(Response::new(Full::new(Bytes::from(format!(
             "{}\n",
-            json!(counts)
+            json!({"methods": counts, "hosts": hosts})
         )))));
+    }
+    if let Ok(mut m) = state.by_host.lock() {
+        let host = req
+            .headers()
+            .get("host")
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        *m.entry(host).or_default() += 1;
     }
     let n = state
         .served
