@@ -253,7 +253,7 @@ spec: {hosts: [b], http: [{route: [{destination: {host: b, subset: v1}, weight: 
 apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {name: good, namespace: default}
-spec: {hosts: [c], http: [{route: [{destination: {host: c, subset: missing}}], timeout: 3s, mirror: {host: c}, corsPolicy: {allowOrigins: [{exact: x}]}}]}
+spec: {hosts: [c], http: [{route: [{destination: {host: c, subset: missing}}], timeout: 3s, mirror: {host: c}, directResponse: {status: 418}}]}
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -275,7 +275,7 @@ spec: {host: c, subsets: [{name: v1, labels: {version: v1}}, {name: v1, labels: 
     for want in [
         "VirtualService default/bad-regex rejected: default/bad-regex http[0].match[0].uri.regex \"(unclosed\"",
         "VirtualService default/bad-weights rejected: default/bad-weights http[0].route: weights add up to 70, not 100",
-        "mirror, corsPolicy accepted but not implemented yet",
+        "directResponse accepted but not implemented yet",
         "subset \"missing\" of c.default.svc.cluster.local is not defined by any DestinationRule",
         "VirtualService default/good: duplicate name, ignored",
         "DestinationRule default/dup rejected: subsets[1].name \"v1\" is duplicated",
