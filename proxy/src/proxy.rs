@@ -51,6 +51,7 @@ impl Direction {
 pub struct Connector {
     inbound: bool,
     timeout: Duration,
+    keepalive: Option<Duration>,
 }
 
 impl tower_service::Service<Uri> for Connector {
@@ -63,16 +64,19 @@ impl tower_service::Service<Uri> for Connector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let (inbound, timeout) = (self.inbound, self.timeout);
+        let (inbound, timeout, keepalive) = (self.inbound, self.timeout, self.keepalive);
         Box::pin(async move {
             let addr: SocketAddr = uri
                 .authority()
                 .and_then(|a| a.as_str().parse().ok())
                 .ok_or_else(|| std::io::Error::other(format!("no endpoint address in {uri}")))?;
             let source = inbound.then(|| transport::inbound_source(&addr));
-            Ok(TokioIo::new(
-                transport::connect(addr, source, timeout).await?,
-            ))
+            let s = transport::connect(addr, source, timeout).await?;
+            if let Some(k) = keepalive {
+                let _ = socket2::SockRef::from(&s)
+                    .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(k));
+            }
+            Ok(TokioIo::new(s))
         })
     }
 }
@@ -133,6 +137,7 @@ pub struct Proxy {
     h2_out_buf: Client<Connector, Full<Bytes>>,
     breakers: crate::resilience::Breakers,
     pub outliers: crate::resilience::Outliers,
+    custom: CustomClients,
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -146,16 +151,44 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    client_with(inbound, h2, (None, None, None))
+}
+
+/// A client pool with a DestinationRule's connection settings (connect timeout, idle timeout,
+/// TCP keepalive); unset ones keep the defaults.
+fn client_with<B>(
+    inbound: bool,
+    h2: bool,
+    (connect, idle, keepalive): (Option<Duration>, Option<Duration>, Option<Duration>),
+) -> Client<Connector, B>
+where
+    B: hyper::body::Body + Send + 'static + Unpin,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let mut b = Client::builder(TokioExecutor::new());
-    b.pool_idle_timeout(Duration::from_secs(60))
+    b.pool_idle_timeout(idle.unwrap_or(Duration::from_secs(60)))
         .pool_max_idle_per_host(64);
     if h2 {
         b.http2_only(true);
     }
     b.build(Connector {
         inbound,
-        timeout: CONNECT_TIMEOUT,
+        timeout: connect.unwrap_or(CONNECT_TIMEOUT),
+        keepalive,
     })
+}
+
+type Settings = (Option<Duration>, Option<Duration>, Option<Duration>);
+
+/// Client pools for destinations whose DestinationRule sets connection settings.
+#[derive(Default)]
+struct CustomClients {
+    streaming:
+        std::sync::Mutex<std::collections::HashMap<(Settings, bool), Client<Connector, Incoming>>>,
+    buffered: std::sync::Mutex<
+        std::collections::HashMap<(Settings, bool), Client<Connector, Full<Bytes>>>,
+    >,
 }
 
 fn full(status: StatusCode, msg: &str) -> Response<Body> {
@@ -205,6 +238,7 @@ impl Proxy {
             h2_out_buf: client(false, true),
             breakers: crate::resilience::Breakers::default(),
             outliers: crate::resilience::Outliers::default(),
+            custom: CustomClients::default(),
         }
     }
 
@@ -858,7 +892,6 @@ impl Proxy {
             return self.finish(labels, started, resp, &c, &line, req_len);
         }
         let declared_h2 = matches!(&target, Target::Service { service, port } if service.port(*port).is_some_and(|p| matches!(p.protocol, Protocol::Http2 | Protocol::Grpc)));
-        let use_h2 = h2_down || declared_h2;
 
         // Timeout and retries: the route's (Istio's default retries when it sets none), with the
         // client's x-envoy-* overrides; inbound, the caller's sidecar already applied them.
@@ -890,6 +923,9 @@ impl Proxy {
                 .unwrap_or_default(),
             _ => (None, None),
         };
+        // h2UpgradePolicy: UPGRADE sends HTTP/1.1 requests upstream over HTTP/2.
+        let use_h2 = h2_down || declared_h2 || pool.as_ref().is_some_and(|p| p.h2_upgrade);
+        let settings = pool.as_ref().and_then(|p| p.connection_settings());
         let cluster = match &target {
             Target::Service { service, port } => format!(
                 "{}|{port}|{}",
@@ -1005,13 +1041,22 @@ impl Proxy {
             let sent = match (&buffered, body.take()) {
                 (Some(bytes), _) => {
                     let r = rebuild(uri).body(Full::new(bytes.clone()));
-                    let client = if use_h2 {
-                        &self.h2_out_buf
-                    } else {
-                        &self.h1_out_buf
+                    let client = match settings {
+                        Some(s) => {
+                            let mut m = self
+                                .custom
+                                .buffered
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner());
+                            m.entry((s, use_h2))
+                                .or_insert_with(|| client_with(false, use_h2, s))
+                                .clone()
+                        }
+                        None if use_h2 => self.h2_out_buf.clone(),
+                        None => self.h1_out_buf.clone(),
                     };
                     match r {
-                        Ok(r) => Box::pin(client.request(r))
+                        Ok(r) => Box::pin(async move { client.request(r).await })
                             as Pin<Box<dyn Future<Output = _> + Send + '_>>,
                         Err(_) => {
                             let resp = full(StatusCode::BAD_REQUEST, "bad request");
@@ -1020,14 +1065,24 @@ impl Proxy {
                     }
                 }
                 (None, Some(b)) => {
-                    let client = match (c.dir, use_h2) {
-                        (Direction::Outbound, false) => &self.h1_out,
-                        (Direction::Outbound, true) => &self.h2_out,
-                        (Direction::Inbound, false) => &self.h1_in,
-                        (Direction::Inbound, true) => &self.h2_in,
+                    let client = match (c.dir, use_h2, settings) {
+                        (Direction::Outbound, h2, Some(s)) => {
+                            let mut m = self
+                                .custom
+                                .streaming
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner());
+                            m.entry((s, h2))
+                                .or_insert_with(|| client_with(false, h2, s))
+                                .clone()
+                        }
+                        (Direction::Outbound, false, None) => self.h1_out.clone(),
+                        (Direction::Outbound, true, None) => self.h2_out.clone(),
+                        (Direction::Inbound, false, _) => self.h1_in.clone(),
+                        (Direction::Inbound, true, _) => self.h2_in.clone(),
                     };
                     match rebuild(uri).body(b) {
-                        Ok(r) => Box::pin(client.request(r)),
+                        Ok(r) => Box::pin(async move { client.request(r).await }),
                         Err(_) => {
                             let resp = full(StatusCode::BAD_REQUEST, "bad request");
                             return self.finish(labels, started, resp, &c, &line, req_len);

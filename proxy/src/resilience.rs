@@ -408,6 +408,21 @@ pub struct PoolLimits {
     pub max_requests_per_connection: Option<u32>,
     pub max_retries: Option<u32>,
     pub idle_timeout: Option<Duration>,
+    /// `tcp.tcpKeepalive.time`: keepalive probes on upstream connections after this idle time.
+    pub tcp_keepalive: Option<Duration>,
+    /// `http.h2UpgradePolicy: UPGRADE`: HTTP/1.1 requests go upstream over HTTP/2.
+    pub h2_upgrade: bool,
+}
+
+impl PoolLimits {
+    /// The connection settings that need their own client pool (connect timeout, idle
+    /// timeout, keepalive), if any differ from the defaults.
+    pub fn connection_settings(
+        &self,
+    ) -> Option<(Option<Duration>, Option<Duration>, Option<Duration>)> {
+        let s = (self.connect_timeout, self.idle_timeout, self.tcp_keepalive);
+        (s != (None, None, None)).then_some(s)
+    }
 }
 
 impl PoolLimits {
@@ -424,6 +439,23 @@ impl PoolLimits {
                 .map_err(e("http"))?,
             max_retries: u32_field(&http, "maxRetries").map_err(e("http"))?,
             idle_timeout: duration_field(&http, "idleTimeout").map_err(e("http"))?,
+            tcp_keepalive: match tcp.get("tcpKeepalive") {
+                None | Some(Value::Null) => None,
+                Some(k) => Some(
+                    duration_field(k, "time")
+                        .map_err(|m| format!("connectionPool.tcp.tcpKeepalive.{m}"))?
+                        .unwrap_or(Duration::from_secs(7200)),
+                ),
+            },
+            h2_upgrade: match http.get("h2UpgradePolicy").and_then(Value::as_str) {
+                None | Some("DEFAULT") | Some("DO_NOT_UPGRADE") => false,
+                Some("UPGRADE") => true,
+                Some(other) => {
+                    return Err(format!(
+                        "connectionPool.http.h2UpgradePolicy {other:?} is not DEFAULT, DO_NOT_UPGRADE or UPGRADE"
+                    ));
+                }
+            },
         })
     }
 }

@@ -148,6 +148,16 @@ spec:
       http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}
 ---
 apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: upgraded, namespace: res}
+spec:
+  host: upgraded
+  trafficPolicy:
+    connectionPool:
+      tcp: {connectTimeout: 1s, tcpKeepalive: {time: 30s}}
+      http: {idleTimeout: 10s, h2UpgradePolicy: UPGRADE}
+---
+apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {name: mixed, namespace: res}
 spec:
@@ -189,13 +199,14 @@ fn resilience_policies_through_the_sidecars() {
         manifest.push_str(&deployment("app", &[]));
         manifest.push_str(&deployment("narrow", &[]));
         manifest.push_str(&deployment("shadow", &[]));
+        manifest.push_str(&deployment("upgraded", &[]));
         manifest.push_str(&deployment("flaky-get", &["--fail-first", "2"]));
         manifest.push_str(&deployment("flaky-post", &["--fail-first", "2"]));
         manifest.push_str(&deployment("flaky-hdr", &["--fail-first", "2"]));
         manifest.push_str(MIXED);
         cli::apply(lab, &manifest, "res.yaml", "default").await.expect("apply");
         cli::apply(lab, POLICIES, "policies.yaml", "res").await.expect("policies");
-        cli::wait_ready(lab, "res", 9, Duration::from_secs(120), &mut |_: &str| {})
+        cli::wait_ready(lab, "res", 10, Duration::from_secs(120), &mut |_: &str| {})
             .await
             .expect("ready");
         let pods = pods_by_name(lab, "res").await;
@@ -204,7 +215,7 @@ fn resilience_policies_through_the_sidecars() {
         let started = std::time::Instant::now();
         loop {
             let dump = exec_stdout(lab, &client, "res", Some("istio-proxy"), &["ferry-proxy", "config", "routes", "-o", "json"]).await;
-            if ["fixedDelay", "flaky-post", "maxConnections", "outlierDetection"].iter().all(|n| dump.contains(n)) {
+            if ["fixedDelay", "flaky-post", "maxConnections", "outlierDetection", "h2UpgradePolicy"].iter().all(|n| dump.contains(n)) {
                 break;
             }
             assert!(started.elapsed() < Duration::from_secs(20), "policies not picked up: {dump}");
@@ -306,6 +317,12 @@ fn resilience_policies_through_the_sidecars() {
         assert!(simple.contains("access-control-allow-origin: https://shop.example.com") && simple.contains("\"pod\":\"app-"), "{simple}");
         let other = curl(&["-H", "Origin: https://evil.example.com"]).await;
         assert!(!other.contains("access-control-allow-origin"), "{other}");
+
+        // Connection settings: h2UpgradePolicy UPGRADE carries an HTTP/1.1 request upstream
+        // over HTTP/2 (with the DR's connect timeout, keepalive and idle timeout in force).
+        let up = load(lab, &client, "http://upgraded/", &[]).await;
+        assert_eq!(count(&up, 200), 1, "{up:?}");
+        assert!(up.last_body.contains("\"protocol\":\"HTTP/2.0\""), "{}", up.last_body);
 
         // Every event is counted by the client's sidecar.
         let metrics = exec_stdout(lab, &client, "res", Some("istio-proxy"), &["ferry-lab", "http", "http://127.0.0.1:15090/stats/prometheus"]).await;

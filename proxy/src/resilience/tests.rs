@@ -151,6 +151,21 @@ fn pool_and_outlier_settings() {
     assert_eq!(l.max_connections, Some(1));
     assert_eq!(l.max_pending, Some(1));
     assert_eq!(l.connect_timeout, Some(Duration::from_millis(30)));
+    assert_eq!(
+        l.connection_settings(),
+        Some((Some(Duration::from_millis(30)), None, None))
+    );
+    let k = PoolLimits::parse(&json!({"tcp": {"tcpKeepalive": {"time": "60s"}}, "http": {"h2UpgradePolicy": "UPGRADE", "idleTimeout": "5s"}})).expect("pool");
+    assert_eq!(
+        (k.tcp_keepalive, k.idle_timeout, k.h2_upgrade),
+        (
+            Some(Duration::from_secs(60)),
+            Some(Duration::from_secs(5)),
+            true
+        )
+    );
+    assert!(PoolLimits::parse(&json!({"http": {"h2UpgradePolicy": "SOMETIMES"}})).is_err());
+    assert_eq!(PoolLimits::default().connection_settings(), None);
     assert!(
         PoolLimits::parse(&json!({"tcp": {"maxConnections": -1}}))
             .unwrap_err()
