@@ -181,14 +181,14 @@ where
 
 type Settings = (Option<Duration>, Option<Duration>, Option<Duration>);
 
+/// Client pools keyed by connection settings and HTTP/2.
+type Pools<B> = std::sync::Mutex<std::collections::HashMap<(Settings, bool), Client<Connector, B>>>;
+
 /// Client pools for destinations whose DestinationRule sets connection settings.
 #[derive(Default)]
 struct CustomClients {
-    streaming:
-        std::sync::Mutex<std::collections::HashMap<(Settings, bool), Client<Connector, Incoming>>>,
-    buffered: std::sync::Mutex<
-        std::collections::HashMap<(Settings, bool), Client<Connector, Full<Bytes>>>,
-    >,
+    streaming: Pools<Incoming>,
+    buffered: Pools<Full<Bytes>>,
 }
 
 fn full(status: StatusCode, msg: &str) -> Response<Body> {
