@@ -505,6 +505,16 @@ fn table(rows: Vec<Vec<String>>) -> String {
         .join("\n")
 }
 
+/// The items of a list, each rendered by `f`, comma-separated.
+fn joined(list: &Value, f: impl Fn(&Value) -> String) -> String {
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .map(f)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn s(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
@@ -660,27 +670,11 @@ pub fn render_table(
             }
             "DestinationRule" => {
                 r.push(s(&spec["host"]));
-                r.push(
-                    spec["subsets"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .map(|x| s(&x["name"]))
-                        .collect::<Vec<_>>()
-                        .join(","),
-                );
+                r.push(joined(&spec["subsets"], |x| s(&x["name"])));
             }
             "EndpointSlice" => {
                 r.push(s(&it["addressType"]));
-                r.push(
-                    it["ports"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .map(|p| s(&p["port"]))
-                        .collect::<Vec<_>>()
-                        .join(","),
-                );
+                r.push(joined(&it["ports"], |p| s(&p["port"])));
                 r.push(
                     it["endpoints"]
                         .as_array()
