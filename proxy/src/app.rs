@@ -189,12 +189,15 @@ pub async fn start(
                     for w in &watched {
                         objects.extend(w.objects());
                     }
-                    let snap = Snapshot::build_for(
+                    let mut snap = Snapshot::build_for(
                         version,
                         &objects,
                         &cfg.cluster_domain,
                         Some(&cfg.pod_namespace),
                     );
+                    if cfg.router {
+                        snap = snap.with_gateway(&cfg.instance_ips, &cfg.cluster_domain);
+                    }
                     for r in &snap.rejected {
                         warn!(object = %r, "object ignored");
                     }
@@ -246,7 +249,11 @@ pub async fn start(
         })
     };
     let out_task = accept(outbound, Direction::Outbound, proxy.clone());
-    let in_task = accept(inbound, Direction::Inbound, proxy.clone());
+    let in_task = match cfg.router {
+        // A gateway listens where its Gateways' servers say, following configuration changes.
+        true => tokio::spawn(gateway_listeners(snap_rx.clone(), proxy.clone())),
+        false => accept(inbound, Direction::Inbound, proxy.clone()),
+    };
     info!(?addrs, workers = cfg.workers, "proxy serving");
 
     let done = {
@@ -295,4 +302,66 @@ pub async fn start(
         addrs,
         done,
     })
+}
+
+/// Keep one listener per port of the Gateways that select this proxy: new ports are bound,
+/// removed ones closed (connections already accepted finish). A port that cannot be bound is
+/// logged and retried on the next change; the other ports keep serving.
+async fn gateway_listeners(
+    mut snaps: tokio::sync::watch::Receiver<Arc<Snapshot>>,
+    proxy: Arc<Proxy>,
+) {
+    let mut open: std::collections::BTreeMap<u16, tokio::task::JoinHandle<()>> =
+        std::collections::BTreeMap::new();
+    loop {
+        let wanted: Vec<u16> = snaps
+            .borrow()
+            .gateway
+            .as_ref()
+            .map(|g| g.servers.keys().copied().collect())
+            .unwrap_or_default();
+        open.retain(|port, task| {
+            let keep = wanted.contains(port);
+            if !keep {
+                info!(
+                    port,
+                    "gateway port no longer declared: closing its listener"
+                );
+                task.abort();
+            }
+            keep
+        });
+        for port in wanted {
+            if open.contains_key(&port) {
+                continue;
+            }
+            match bind("gateway port", SocketAddr::from(([0, 0, 0, 0], port))).await {
+                Ok(l) => {
+                    info!(port, "gateway listening");
+                    let proxy = proxy.clone();
+                    open.insert(
+                        port,
+                        tokio::spawn(async move {
+                            loop {
+                                match l.accept().await {
+                                    Ok((s, peer)) => {
+                                        tokio::spawn(proxy.clone().handle(
+                                            Direction::Gateway,
+                                            s,
+                                            peer,
+                                        ));
+                                    }
+                                    Err(e) => warn!(error = %e, "accept failed"),
+                                }
+                            }
+                        }),
+                    );
+                }
+                Err(e) => warn!(port, error = %e, "gateway port not served"),
+            }
+        }
+        if snaps.changed().await.is_err() {
+            return;
+        }
+    }
 }

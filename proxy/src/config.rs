@@ -158,6 +158,9 @@ pub struct Config {
     pub app_probers: BTreeMap<String, serde_json::Value>,
     /// `PROXY_CONFIG` as given (shown in the config dump).
     pub proxy_config: serde_json::Value,
+    /// Gateway mode (`proxy router`): no traffic capture; listens on the ports of the Gateways
+    /// that select this pod.
+    pub router: bool,
 }
 
 fn duration(setting: &str, v: &str) -> Result<Duration, Error> {
@@ -184,15 +187,18 @@ impl Config {
             None | Some("proxy") => {}
             Some(other) => return Err(bad("command", other, "expected `proxy sidecar`")),
         }
-        if let Some(mode) = &args.kind
-            && mode != "sidecar"
-        {
-            return Err(bad(
-                "proxy type",
-                mode,
-                "only `sidecar` is supported (gateways are a separate mode)",
-            ));
-        }
+        let router = match args.kind.as_deref() {
+            None | Some("sidecar") => false,
+            // Istio's gateways run `pilot-agent proxy router`.
+            Some("router") => true,
+            Some(mode) => {
+                return Err(bad(
+                    "proxy type",
+                    mode,
+                    "expected `sidecar` or `router` (a gateway)",
+                ));
+            }
+        };
         let proxy_config: serde_json::Value = match env.get("PROXY_CONFIG") {
             Some(s) => serde_json::from_str(&s)
                 .map_err(|e| bad("PROXY_CONFIG", &s, format!("not JSON: {e}")))?,
@@ -331,6 +337,7 @@ impl Config {
             },
             app_probers,
             proxy_config,
+            router,
         };
         // Ports overridable for tests and non-standard setups (Istio has no names for these).
         for (name, slot) in [

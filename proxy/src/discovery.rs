@@ -135,6 +135,17 @@ pub struct Snapshot {
     pub routes: crate::routing::RouteTable,
     /// Objects that could not be used, with why (shown in the config dump and logs).
     pub rejected: Vec<String>,
+    /// In gateway mode: the Gateways selecting this proxy and their routes.
+    pub gateway: Option<GatewayView>,
+}
+
+/// What a gateway proxy serves: the Gateways that select its pod, their servers by port, and the
+/// VirtualServices bound to them.
+#[derive(Debug, Default)]
+pub struct GatewayView {
+    pub ids: Vec<String>,
+    pub servers: BTreeMap<u16, Vec<(String, crate::gateway::Server)>>,
+    pub routes: crate::routing::RouteTable,
 }
 
 /// Where an outbound connection or request goes.
@@ -331,6 +342,51 @@ impl Snapshot {
         snap.rejected
             .extend(snap.routes.diagnostics.iter().cloned());
         snap
+    }
+
+    /// Add the gateway view for a proxy whose pod has one of `own_ips`: the Gateways whose
+    /// selector matches its labels, their servers (a port claimed by two Gateways with different
+    /// protocols is reported and served by the first), and their routes.
+    pub fn with_gateway(mut self, own_ips: &[IpAddr], domain: &str) -> Snapshot {
+        let labels = own_ips
+            .iter()
+            .find_map(|ip| self.workload(*ip))
+            .map(|w| w.labels.clone())
+            .unwrap_or_default();
+        let mut all = Vec::new();
+        for o in self.istio.iter().filter(|o| o["kind"] == "Gateway") {
+            let id = format!(
+                "{}/{}",
+                o["metadata"]["namespace"].as_str().unwrap_or("default"),
+                o["metadata"]["name"].as_str().unwrap_or("?")
+            );
+            match crate::gateway::parse(o) {
+                Ok(g) => all.push(g),
+                Err(e) => self.rejected.push(format!("Gateway {id} rejected: {e}")),
+            }
+        }
+        let mut view = GatewayView::default();
+        for g in crate::gateway::selected(&all, &labels) {
+            view.ids.push(g.id.clone());
+            for s in &g.servers {
+                let entry = view.servers.entry(s.port).or_default();
+                if let Some((other, first)) = entry.first()
+                    && first.protocol != s.protocol
+                {
+                    self.rejected.push(format!(
+                        "Gateway {} port {}: {:?} conflicts with {:?} of Gateway {other}; the first is served",
+                        g.id, s.port, s.protocol, first.protocol
+                    ));
+                    continue;
+                }
+                entry.push((g.id.clone(), s.clone()));
+            }
+        }
+        view.routes = crate::routing::RouteTable::compile_gateway(&self.istio, domain, &view.ids);
+        self.rejected
+            .extend(view.routes.diagnostics.iter().cloned());
+        self.gateway = Some(view);
+        self
     }
 
     /// Where a connection to `orig_dst` goes.

@@ -17,6 +17,7 @@ pub mod crds;
 pub mod detect;
 pub mod discovery;
 pub mod explain;
+pub mod gateway;
 pub mod k8s;
 pub mod metrics;
 pub mod proxy;

@@ -35,12 +35,14 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 pub enum Direction {
     Outbound,
     Inbound,
+    /// A gateway server's port: traffic from outside, routed by gateway-bound VirtualServices.
+    Gateway,
 }
 
 impl Direction {
     fn reporter(self) -> &'static str {
         match self {
-            Direction::Outbound => "source",
+            Direction::Outbound | Direction::Gateway => "source",
             Direction::Inbound => "destination",
         }
     }
@@ -266,7 +268,7 @@ impl Proxy {
         let unknown = || ("unknown".to_owned(), "unknown".to_owned());
         let (src, dst) = match c.dir {
             // The destination workload of a service is known once an endpoint is picked.
-            Direction::Outbound => (
+            Direction::Outbound | Direction::Gateway => (
                 me,
                 match target {
                     Target::Pod { workload, .. } => {
@@ -301,10 +303,10 @@ impl Proxy {
                 .map_or_else(|| "unknown".into(), |w| version_of(&w))
         };
         let (source_version, destination_version) = match (c.dir, target) {
-            (Direction::Outbound, Target::Pod { workload, .. }) => {
+            (Direction::Outbound | Direction::Gateway, Target::Pod { workload, .. }) => {
                 (own_version(), version_of(workload))
             }
-            (Direction::Outbound, _) => (own_version(), "unknown".into()),
+            (Direction::Outbound | Direction::Gateway, _) => (own_version(), "unknown".into()),
             (Direction::Inbound, _) => (
                 snap.workload(c.peer.ip())
                     .map_or_else(|| "unknown".into(), |w| version_of(&w)),
@@ -331,6 +333,42 @@ impl Proxy {
         }
     }
 
+    /// A connection to a gateway server's port: its HTTP requests are routed by the
+    /// VirtualServices bound to the Gateways on that port.
+    async fn handle_gateway(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let Ok(local) = stream.local_addr() else {
+            return;
+        };
+        let protocol = self
+            .snap()
+            .gateway
+            .as_ref()
+            .and_then(|g| g.servers.get(&local.port()))
+            .and_then(|s| s.first())
+            .map(|(_, s)| s.protocol);
+        let span = info_span!("gateway", client.addr = %peer, port = local.port());
+        async move {
+            match protocol {
+                Some(p) if p.is_plain_http() => {
+                    let _ = stream.set_nodelay(true);
+                    let c = Conn {
+                        dir: Direction::Gateway,
+                        peer,
+                        orig: local,
+                    };
+                    self.serve_http(c, stream).await;
+                }
+                Some(p) => warn!(
+                    protocol = ?p,
+                    "this gateway server's protocol is not served yet (HTTP, HTTP2 and GRPC are); connection closed"
+                ),
+                None => debug!("no Gateway server on this port any more; connection closed"),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
     /// Fill in the destination workload from the endpoint actually picked.
     fn set_endpoint(labels: &mut Labels, snap: &Snapshot, endpoint: SocketAddr) {
         if labels.reporter == "source"
@@ -346,6 +384,9 @@ impl Proxy {
     /// Serve one accepted connection to completion.
     pub async fn handle(self: Arc<Self>, dir: Direction, stream: TcpStream, peer: SocketAddr) {
         let _guard = self.active.enter();
+        if dir == Direction::Gateway {
+            return self.handle_gateway(stream, peer).await;
+        }
         let orig = match self.orig_dst.of(&stream) {
             Ok(o) => o,
             Err(e) => {
@@ -364,7 +405,7 @@ impl Proxy {
             let snap = self.snap();
             let target = match dir {
                 Direction::Outbound => snap.target(orig),
-                Direction::Inbound => crate::discovery::Target::Unknown(orig),
+                Direction::Inbound | Direction::Gateway => crate::discovery::Target::Unknown(orig),
             };
             let declared = match &target {
                 Target::Service { service, port } => service
@@ -573,7 +614,7 @@ impl Proxy {
             .map(str::to_owned)
             .or_else(|| req.uri().authority().map(|a| a.to_string()));
         let target = match c.dir {
-            Direction::Inbound => Target::Unknown(c.orig),
+            Direction::Inbound | Direction::Gateway => Target::Unknown(c.orig),
             Direction::Outbound => match authority
                 .as_deref()
                 .and_then(|h| snap.service_by_host(h, &self.cfg.pod_namespace))
@@ -599,8 +640,70 @@ impl Proxy {
         let mut subset: Option<String> = None;
         let mut applied: Option<Arc<crate::routing::HttpRoute>> = None;
         let mut rerouted: Option<Target> = None;
-        if let (Direction::Outbound, Target::Service { service, port }) = (c.dir, &target) {
-            let host = service.hostname.as_str();
+        // Where the routes come from: the destination service's host (sidecar), or the request's
+        // host among the routes bound to this gateway's Gateways.
+        let gateway_host = authority.as_deref().map(|a| {
+            a.rsplit_once(':')
+                .filter(|(_, p)| p.chars().all(|ch| ch.is_ascii_digit()))
+                .map_or(a, |(h, _)| h)
+                .to_ascii_lowercase()
+        });
+        let lookup: Option<(&crate::routing::RouteTable, &str, u16)> = match (c.dir, &target) {
+            (Direction::Outbound, Target::Service { service, port }) => {
+                Some((&snap.routes, service.hostname.as_str(), *port))
+            }
+            (Direction::Gateway, _) => snap.gateway.as_ref().map(|g| {
+                (
+                    &g.routes,
+                    gateway_host.as_deref().unwrap_or(""),
+                    c.orig.port(),
+                )
+            }),
+            _ => None,
+        };
+        if c.dir == Direction::Gateway {
+            let server = snap
+                .gateway
+                .as_ref()
+                .and_then(|g| g.servers.get(&c.orig.port()))
+                .and_then(|s| s.first().map(|(_, s)| s.clone()));
+            let host = gateway_host.as_deref().unwrap_or("");
+            let admitted = server.as_ref().is_some_and(|s| {
+                s.hosts
+                    .iter()
+                    .any(|(_, pattern)| crate::gateway::host_matches(pattern, host))
+            });
+            if server.as_ref().is_some_and(|s| s.https_redirect) {
+                let mut r = full(StatusCode::MOVED_PERMANENTLY, "redirect");
+                if let Ok(v) = hyper::header::HeaderValue::from_str(&format!(
+                    "https://{}{}",
+                    host,
+                    req.uri()
+                        .path_and_query()
+                        .map(|p| p.as_str())
+                        .unwrap_or("/")
+                )) {
+                    r.headers_mut().insert(hyper::header::LOCATION, v);
+                }
+                let labels = self.labels(&c, &snap, &target, "http");
+                return self.finish(labels, started, r, &c, &req_line(&req), None);
+            }
+            if !admitted {
+                let mut labels = self.labels(&c, &snap, &target, "http");
+                labels.response_flags = "NR".into();
+                let why = format!("no route: host {host:?} is not served on this gateway port");
+                return self.finish(
+                    labels,
+                    started,
+                    full(StatusCode::NOT_FOUND, &why),
+                    &c,
+                    &req_line(&req),
+                    None,
+                );
+            }
+        }
+        if let Some((table, host, port)) = lookup {
+            let port = &port;
             let me = self
                 .cfg
                 .instance_ips
@@ -621,9 +724,11 @@ impl Proxy {
                     source_labels: me.as_ref().map(|w| &w.labels).unwrap_or(&no_labels),
                     source_namespace: &self.cfg.pod_namespace,
                 };
-                snap.routes.find(host, &view)
+                table.find(host, &view)
             };
-            if found.is_none() && snap.routes.has_http_routes(host) {
+            // A gateway has nothing but its VirtualServices: no match is 404 (NR), as for a
+            // sidecar host that a VirtualService owns.
+            if found.is_none() && (c.dir == Direction::Gateway || table.has_http_routes(host)) {
                 // A VirtualService owns this host and no rule matched: Istio answers 404 (NR).
                 let mut labels = self.labels(&c, &snap, &target, "http");
                 labels.response_flags = "NR".into();
@@ -839,21 +944,23 @@ impl Proxy {
         }
         let pick = |avoid: Option<SocketAddr>, headers: &hyper::HeaderMap| match (c.dir, &target) {
             (Direction::Inbound, _) => Ok(c.orig),
-            (Direction::Outbound, Target::Service { service, port }) => self.pick_endpoint(
-                &c,
-                &snap,
-                service,
-                (*port, subset.as_deref(), avoid),
-                &|name: &str| {
-                    let all: Vec<&str> = headers
-                        .get_all(name)
-                        .iter()
-                        .filter_map(|v| v.to_str().ok())
-                        .collect();
-                    (!all.is_empty()).then(|| all.join("; "))
-                },
-            ),
+            (Direction::Outbound | Direction::Gateway, Target::Service { service, port }) => self
+                .pick_endpoint(
+                    &c,
+                    &snap,
+                    service,
+                    (*port, subset.as_deref(), avoid),
+                    &|name: &str| {
+                        let all: Vec<&str> = headers
+                            .get_all(name)
+                            .iter()
+                            .filter_map(|v| v.to_str().ok())
+                            .collect();
+                        (!all.is_empty()).then(|| all.join("; "))
+                    },
+                ),
             (Direction::Outbound, _) => self.tcp_upstream(&c, &target),
+            (Direction::Gateway, _) => Err("no route"),
         };
         let no_endpoint = |labels: &mut Labels, why: &'static str| {
             let (status, flag) = if why.starts_with("no healthy") {
@@ -895,7 +1002,7 @@ impl Proxy {
 
         // Timeout and retries: the route's (Istio's default retries when it sets none), with the
         // client's x-envoy-* overrides; inbound, the caller's sidecar already applied them.
-        let (timeout, mut retries) = if c.dir == Direction::Outbound {
+        let (timeout, mut retries) = if c.dir != Direction::Inbound {
             let (t, r) = applied.as_ref().map_or_else(
                 || (None, resilience::Retries::istio_default()),
                 |r| (r.policy.timeout, r.policy.retries.clone()),
@@ -916,7 +1023,7 @@ impl Proxy {
         // Circuit breaking: the destination's connection pool admits the request or refuses it
         // at once (503, UO).
         let (pool, outlier) = match (&target, c.dir) {
-            (Target::Service { service, port }, Direction::Outbound) => snap
+            (Target::Service { service, port }, Direction::Outbound | Direction::Gateway) => snap
                 .routes
                 .rule(&service.hostname)
                 .map(|r| r.resilience(subset.as_deref(), *port))
@@ -1066,7 +1173,7 @@ impl Proxy {
                 }
                 (None, Some(b)) => {
                     let client = match (c.dir, use_h2, settings) {
-                        (Direction::Outbound, h2, Some(s)) => {
+                        (Direction::Outbound | Direction::Gateway, h2, Some(s)) => {
                             let mut m = self
                                 .custom
                                 .streaming
@@ -1076,8 +1183,12 @@ impl Proxy {
                                 .or_insert_with(|| client_with(false, h2, s))
                                 .clone()
                         }
-                        (Direction::Outbound, false, None) => self.h1_out.clone(),
-                        (Direction::Outbound, true, None) => self.h2_out.clone(),
+                        (Direction::Outbound | Direction::Gateway, false, None) => {
+                            self.h1_out.clone()
+                        }
+                        (Direction::Outbound | Direction::Gateway, true, None) => {
+                            self.h2_out.clone()
+                        }
                         (Direction::Inbound, false, _) => self.h1_in.clone(),
                         (Direction::Inbound, true, _) => self.h2_in.clone(),
                     };

@@ -1071,6 +1071,21 @@ impl RouteTable {
     /// Compile what a proxy in `viewer` can see: resources whose `exportTo` excludes that
     /// namespace (`.` = the resource's own namespace only) are left out.
     pub fn compile_for(resources: &[Value], domain: &str, viewer: Option<&str>) -> RouteTable {
+        Self::compile_with(resources, domain, viewer, None)
+    }
+
+    /// Compile what a gateway serving these Gateways (`namespace/name`) applies: only the
+    /// VirtualServices bound to one of them (`gateways: [name]` or `[ns/name]`).
+    pub fn compile_gateway(resources: &[Value], domain: &str, gateways: &[String]) -> RouteTable {
+        Self::compile_with(resources, domain, None, Some(gateways))
+    }
+
+    fn compile_with(
+        resources: &[Value],
+        domain: &str,
+        viewer: Option<&str>,
+        gateway: Option<&[String]>,
+    ) -> RouteTable {
         let visible = |r: &Value| {
             let ns = r["metadata"]["namespace"].as_str().unwrap_or("default");
             match (viewer, r["spec"]["exportTo"].as_array()) {
@@ -1115,7 +1130,16 @@ impl RouteTable {
                         .as_array()
                         .map(|a| a.iter().filter_map(Value::as_str).collect())
                         .unwrap_or_default();
-                    if !gateways.is_empty() && !gateways.contains(&"mesh") {
+                    let refs: Vec<String> = gateways
+                        .iter()
+                        .map(|g| crate::gateway::gateway_ref(g, ns))
+                        .collect();
+                    let applies = match gateway {
+                        // Sidecars: VirtualServices without gateways, or bound to `mesh`.
+                        None => refs.is_empty() || refs.iter().any(|r| r == "mesh"),
+                        Some(ids) => refs.iter().any(|r| ids.contains(r)),
+                    };
+                    if !applies {
                         continue;
                     }
                     let hosts: Vec<String> = spec["hosts"]

@@ -54,8 +54,9 @@ fn bad_settings_exit_64_naming_them() {
         assert_eq!(code, Some(64), "{extra:?} {env:?}: {err}");
         assert!(err.contains(want), "{extra:?}: {err}");
     }
-    let (code, err) = run(&["proxy", "router"], &[]);
+    let (code, err) = run(&["proxy", "ingress"], &[]);
     assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("expected `sidecar` or `router`"), "{err}");
 }
 
 #[test]

@@ -403,14 +403,30 @@ async fn corrupted_config_update_is_refused_and_good_one_applies() {
         .expect("post");
     assert!(allowed_without_patch(&b), "policy disabled: skipped");
 
-    for bad in [
+    for (i, bad) in [
         "policy: [not, a, policy]\n",
         "policy: enabled\nproxyImage: ''\n",
         "policy: enabled\nnoSuchField: 1\n",
         "proxy:\n  includeIPRanges: 10.0.0.0/99\n",
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         write(&h.dir.join("config.yaml"), bad);
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Wait until this update has been seen and refused (a loaded machine may poll late;
+        // two writes between polls would count as one).
+        let want = format!(
+            "ferry_injector_reloads_total{{kind=\"config\",result=\"rejected\"}} {}",
+            i + 1
+        );
+        let started = std::time::Instant::now();
+        while !h.shared.metrics.encode().contains(&want) {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "update {bad:?} never refused"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let (_, b) = c
             .request("POST", "/inject", Some("application/json"), review("2"))
             .await
