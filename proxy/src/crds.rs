@@ -268,6 +268,62 @@ pub fn destination_rule() -> Ty {
     )
 }
 
+/// `Gateway.spec`.
+pub fn gateway() -> Ty {
+    obj(vec![
+        ("selector", map(Ty::Str)),
+        (
+            "servers",
+            list(Ty::Obj(
+                vec![
+                    (
+                        "port",
+                        Ty::Obj(
+                            vec![
+                                ("number", Ty::Int),
+                                ("protocol", Ty::Str),
+                                ("name", Ty::Str),
+                                ("targetPort", Ty::Int),
+                            ],
+                            &["number"],
+                        ),
+                    ),
+                    ("hosts", strings()),
+                    ("bind", Ty::Str),
+                    ("defaultEndpoint", Ty::Str),
+                    ("name", Ty::Str),
+                    (
+                        "tls",
+                        obj(vec![
+                            ("httpsRedirect", Ty::Bool),
+                            (
+                                "mode",
+                                Ty::Enum(&[
+                                    "PASSTHROUGH",
+                                    "SIMPLE",
+                                    "MUTUAL",
+                                    "AUTO_PASSTHROUGH",
+                                    "ISTIO_MUTUAL",
+                                    "OPTIONAL_MUTUAL",
+                                ]),
+                            ),
+                            ("credentialName", Ty::Str),
+                            ("serverCertificate", Ty::Str),
+                            ("privateKey", Ty::Str),
+                            ("caCertificates", Ty::Str),
+                            ("minProtocolVersion", Ty::Str),
+                            ("maxProtocolVersion", Ty::Str),
+                            ("subjectAltNames", strings()),
+                            ("cipherSuites", strings()),
+                        ]),
+                    ),
+                ],
+                &["port", "hosts"],
+            )),
+        ),
+    ])
+}
+
 /// The OpenAPI v3 schema of a type (structural, as CRDs require).
 pub fn openapi(t: &Ty) -> Value {
     match t {
@@ -353,6 +409,7 @@ pub fn spec_type(kind: &str) -> Option<Ty> {
     match kind {
         "VirtualService" => Some(virtual_service()),
         "DestinationRule" => Some(destination_rule()),
+        "Gateway" => Some(gateway()),
         _ => None,
     }
 }
@@ -414,6 +471,13 @@ pub fn definitions() -> Vec<Value> {
                 {"name": "Host", "type": "string", "jsonPath": ".spec.host", "description": "The name of a service from the service registry"},
                 {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
             ]),
+        ),
+        crd(
+            "Gateway",
+            "gateways",
+            "gw",
+            &gateway(),
+            json!([{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}]),
         ),
         crd(
             "VirtualService",

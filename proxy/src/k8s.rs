@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 /// The Istio kinds the proxy reads (the routing layer consumes them).
-pub const ISTIO_KINDS: &[&str] = &["VirtualService", "DestinationRule"];
+pub const ISTIO_KINDS: &[&str] = &["VirtualService", "DestinationRule", "Gateway"];
 
 /// One watched kind: its store, and whether its initial list completed.
 pub struct Watched {

@@ -247,7 +247,7 @@ fn chart_lints_renders_and_validates_with_each_value_set() {
         let has = |kind: &str| !find(&objs, kind).is_empty();
         match *name {
             "defaults" => {
-                assert_eq!(crds, 2);
+                assert_eq!(crds, 3, "VirtualService, DestinationRule, Gateway");
                 assert!(args.contains(&"--self-signed-tls"), "{args:?}");
                 assert_eq!(deploy["spec"]["replicas"], 2);
                 assert!(has("PodDisruptionBudget") && has("Role") && has("ClusterRoleBinding"));

@@ -619,11 +619,11 @@ pub fn render_table(
                         .into_iter()
                         .flatten()
                         .map(|p| {
-                            format!(
-                                "{}/{}",
-                                s(&p["port"]),
-                                p["protocol"].as_str().unwrap_or("TCP")
-                            )
+                            let proto = p["protocol"].as_str().unwrap_or("TCP");
+                            match p["nodePort"].as_u64() {
+                                Some(n) => format!("{}:{n}/{proto}", s(&p["port"])),
+                                None => format!("{}/{proto}", s(&p["port"])),
+                            }
                         })
                         .collect::<Vec<_>>()
                         .join(","),

@@ -31,6 +31,32 @@ pub struct Ctx {
     hosts: Mutex<HashMap<String, String>>,
     kube_proxy: Mutex<String>,
     failures: Mutex<HashMap<String, String>>,
+    /// Binds listeners on the host's loopback (a thread that stays in the host's namespace).
+    host_binder: Mutex<std::sync::mpsc::Sender<HostBind>>,
+    /// (service uid, node port) → its forwarder.
+    node_ports: Mutex<HashMap<(String, u16), tokio::task::JoinHandle<()>>>,
+}
+
+/// A request to bind 127.0.0.1:port in the host's network namespace.
+type HostBind = (
+    u16,
+    std::sync::mpsc::Sender<std::io::Result<std::net::TcpListener>>,
+);
+
+/// The host-side binder: the only lab thread that stays in the host's network namespace. It
+/// only ever binds loopback listeners for NodePort/LoadBalancer Services.
+fn host_binder() -> std::sync::mpsc::Sender<HostBind> {
+    let (tx, rx) = std::sync::mpsc::channel::<HostBind>();
+    std::thread::spawn(move || {
+        for (port, reply) in rx {
+            let l = std::net::TcpListener::bind(("127.0.0.1", port)).and_then(|l| {
+                l.set_nonblocking(true)?;
+                Ok(l)
+            });
+            let _ = reply.send(l);
+        }
+    });
+    tx
 }
 
 fn say(msg: &str) {
@@ -132,6 +158,7 @@ pub fn run(lab: Lab) -> Result<(), LabError> {
         .spawn()
         .map_err(io_err("starting ferry-injector"))?;
 
+    let binder = host_binder();
     // Every thread of the runtime lives in the node's network namespace.
     net::enter(&lab.node_ns())?;
     let node_ns = lab.node_ns();
@@ -145,7 +172,7 @@ pub fn run(lab: Lab) -> Result<(), LabError> {
         })
         .build()
         .map_err(io_err("starting the runtime"))?;
-    let result = rt.block_on(serve(lab.clone(), cp, &mut injector));
+    let result = rt.block_on(serve(lab.clone(), cp, &mut injector, binder));
     let _ = injector.kill();
     let _ = injector.wait();
     net::delete_netns(&lab.node_ns());
@@ -172,6 +199,7 @@ async fn serve(
     lab: Lab,
     cp: control::ControlPlane,
     injector: &mut std::process::Child,
+    binder: std::sync::mpsc::Sender<HostBind>,
 ) -> Result<(), LabError> {
     let api = FakeApiServer::new(model::api_kinds());
     let ctx = Arc::new(Ctx {
@@ -190,6 +218,8 @@ async fn serve(
         hosts: Mutex::new(HashMap::new()),
         kube_proxy: Mutex::new(String::new()),
         failures: Mutex::new(HashMap::new()),
+        host_binder: Mutex::new(binder),
+        node_ports: Mutex::new(HashMap::new()),
     });
     let admit_ctx = ctx.clone();
     api.set_admission(Arc::new(move |obj, old| {
@@ -423,6 +453,49 @@ fn allocate_cluster_ip(ctx: &Ctx, svc: &mut Value, old: Option<&Value>) -> Resul
             ip.to_string()
         }
     };
+    // NodePort / LoadBalancer: every port gets a node port (kept across updates).
+    if matches!(
+        svc["spec"]["type"].as_str(),
+        Some("NodePort" | "LoadBalancer")
+    ) {
+        let mut used: BTreeSet<u64> = ctx
+            .api
+            .list_kind("Service")
+            .iter()
+            .filter(|s| s["metadata"]["name"].as_str() != Some(name.as_str()))
+            .flat_map(|s| {
+                s["spec"]["ports"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|p| p["nodePort"].as_u64())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let old_ports = old.map(|o| o["spec"]["ports"].clone()).unwrap_or_default();
+        if let Some(ports) = svc["spec"]["ports"].as_array_mut() {
+            for (i, p) in ports.iter_mut().enumerate() {
+                if let Some(n) = p["nodePort"].as_u64() {
+                    if !(30000..=32767).contains(&n) || !used.insert(n) {
+                        return Err(refuse(
+                            422,
+                            "Invalid",
+                            format!(
+                                "Service {name:?} is invalid: spec.ports[{i}].nodePort: Invalid value: {n}: provided port is not in the valid range (30000-32767) or is already allocated"
+                            ),
+                        ));
+                    }
+                    continue;
+                }
+                let keep = old_ports[i]["nodePort"].as_u64();
+                let n = keep
+                    .or_else(|| (30000u64..=32767).find(|n| !used.contains(n)))
+                    .ok_or_else(|| refuse(500, "InternalError", "no node port left".into()))?;
+                used.insert(n);
+                p["nodePort"] = json!(n);
+            }
+        }
+    }
     svc["spec"]["clusterIPs"] = json!([ip]);
     svc["spec"]["clusterIP"] = json!(ip);
     if svc["spec"]["type"].is_null() {
@@ -608,6 +681,7 @@ async fn reconcile(ctx: &Arc<Ctx>) {
     deployments(ctx).await;
     endpoint_slices(ctx);
     kube_proxy(ctx);
+    node_ports(ctx).await;
     dns(ctx);
     kubelet_sync(ctx);
 }
@@ -740,6 +814,115 @@ fn endpoint_slices(ctx: &Ctx) {
         if managed && !wanted.contains(&key) {
             ctx.api.delete("EndpointSlice", &key.0, &key.1);
         }
+    }
+}
+
+/// NodePort and LoadBalancer Services are reachable from the machine at 127.0.0.1:<nodePort>
+/// (what a walkthrough's `curl $INGRESS_HOST:$INGRESS_PORT` needs): a forwarder per port
+/// connects to the ClusterIP from the node, through kube-proxy's rules.
+async fn node_ports(ctx: &Arc<Ctx>) {
+    let mut wanted: HashMap<(String, u16), (Ipv4Addr, u16, String)> = HashMap::new();
+    for svc in ctx.api.list_kind("Service") {
+        if !matches!(
+            svc["spec"]["type"].as_str(),
+            Some("NodePort" | "LoadBalancer")
+        ) {
+            continue;
+        }
+        let Some(vip) = svc["spec"]["clusterIP"]
+            .as_str()
+            .and_then(|v| v.parse().ok())
+        else {
+            continue;
+        };
+        let uid = svc["metadata"]["uid"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let id = format!(
+            "{}/{}",
+            svc["metadata"]["namespace"].as_str().unwrap_or_default(),
+            svc["metadata"]["name"].as_str().unwrap_or_default()
+        );
+        for p in svc["spec"]["ports"].as_array().into_iter().flatten() {
+            if let (Some(np), Some(port)) = (
+                p["nodePort"].as_u64().and_then(|n| u16::try_from(n).ok()),
+                p["port"].as_u64().and_then(|n| u16::try_from(n).ok()),
+            ) {
+                wanted.insert((uid.clone(), np), (vip, port, id.clone()));
+            }
+        }
+    }
+    let mut running = ctx
+        .node_ports
+        .lock()
+        .expect("node ports")
+        .drain()
+        .collect::<HashMap<_, _>>();
+    running.retain(|k, task| {
+        let keep = wanted.contains_key(k);
+        if !keep {
+            task.abort();
+        }
+        keep
+    });
+    for (key, (vip, port, id)) in wanted {
+        if running.contains_key(&key) {
+            continue;
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sent = ctx
+            .host_binder
+            .lock()
+            .expect("binder")
+            .send((key.1, tx))
+            .is_ok();
+        let bound = match sent {
+            true => tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(2)))
+                .await
+                .ok()
+                .and_then(Result::ok),
+            false => None,
+        };
+        match bound.map(|r| r.and_then(tokio::net::TcpListener::from_std)) {
+            Some(Ok(l)) => {
+                say(&format!(
+                    "service {id}: port {port} reachable from this machine at 127.0.0.1:{}",
+                    key.1
+                ));
+                running.insert(
+                    key.clone(),
+                    tokio::spawn(forward(l, SocketAddr::from((vip, port)))),
+                );
+            }
+            Some(Err(e)) => {
+                let msg = format!(
+                    "service {id}: nodePort {} not exposed: 127.0.0.1:{} on this machine: {e}",
+                    key.1, key.1
+                );
+                let mut f = ctx.failures.lock().expect("failures");
+                if f.insert(format!("nodeport {}", key.1), msg.clone())
+                    .is_none()
+                {
+                    say(&msg);
+                }
+            }
+            None => {}
+        }
+    }
+    *ctx.node_ports.lock().expect("node ports") = running;
+}
+
+async fn forward(l: tokio::net::TcpListener, to: SocketAddr) {
+    loop {
+        let Ok((mut down, _)) = l.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            if let Ok(mut up) = tokio::net::TcpStream::connect(to).await {
+                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+            }
+        });
     }
 }
 

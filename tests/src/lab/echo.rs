@@ -383,10 +383,14 @@ async fn load_one(url: &str, n: u64, opts: &LoadOptions) -> Result<Tally, LabErr
                 });
             }
             let tx = sender.as_mut().ok_or("no connection")?;
+            // A Host header given explicitly replaces the URL's (to reach a virtual host).
+            let own_host = headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host"));
             let mut req = if http2 {
                 Request::builder()
                     .method(method.clone())
                     .uri(format!("http://{authority}{path}"))
+            } else if own_host {
+                Request::builder().method(method.clone()).uri(path)
             } else {
                 Request::builder()
                     .method(method.clone())

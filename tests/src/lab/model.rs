@@ -77,6 +77,14 @@ pub const KINDS: &[KindInfo] = &[
         aliases: &["destinationrules", "destinationrule", "dr"],
     },
     KindInfo {
+        group: "networking.istio.io",
+        versions: &["v1", "v1beta1", "v1alpha3"],
+        kind: "Gateway",
+        plural: "gateways",
+        namespaced: true,
+        aliases: &["gateways", "gateway", "gw"],
+    },
+    KindInfo {
         group: "discovery.k8s.io",
         versions: &["v1"],
         kind: "EndpointSlice",
@@ -113,6 +121,7 @@ pub const APPLIABLE: &[&str] = &[
     "Service",
     "VirtualService",
     "DestinationRule",
+    "Gateway",
 ];
 
 /// The fake API server's resource list (the storage version of each kind).
@@ -349,7 +358,7 @@ fn service_warnings(spec: &Value) -> Vec<String> {
     let mut w = Vec::new();
     if let Some(t) = spec["type"].as_str().filter(|t| *t != "ClusterIP") {
         w.push(format!(
-            "spec.type {t}: the lab serves it as a ClusterIP only (one node, no load balancer)"
+            "spec.type {t}: the lab exposes each port on 127.0.0.1:<nodePort> of this machine (one node, no load balancer)"
         ));
     }
     for p in spec["ports"].as_array().into_iter().flatten() {

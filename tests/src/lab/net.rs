@@ -85,6 +85,18 @@ pub fn create_node(lab: &Lab) -> Result<(), LabError> {
         "cbr0",
     ])?;
     run(&["ip", "-n", &node, "link", "set", "cbr0", "up"])?;
+    // The node's own connections to ClusterIPs (node ports, probes) need a route for the
+    // Service range before kube-proxy's OUTPUT DNAT can rewrite them.
+    run(&[
+        "ip",
+        "-n",
+        &node,
+        "route",
+        "add",
+        "10.96.0.0/16",
+        "dev",
+        "cbr0",
+    ])?;
     run(&[
         "ip",
         "netns",

@@ -1,0 +1,212 @@
+//! The ingress gateway end to end through the lab: an Istio-style `istio-ingressgateway`
+//! Deployment running `proxy router`, a `Gateway` selecting it, VirtualServices bound to that
+//! Gateway, and traffic from this machine through the Service's node port — the walkthroughs'
+//! `curl $INGRESS_HOST:$INGRESS_PORT`. Needs root; under `CI=true` it fails rather than skips.
+
+use std::time::Duration;
+
+use ferry_tests::lab::echo::{self, LoadOptions, Tally};
+use ferry_tests::lab::testing::{TestLab, rt};
+use ferry_tests::lab::{cli, demo};
+
+const INGRESS: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: istio-ingressgateway, namespace: istio-system}
+spec:
+  selector: {matchLabels: {istio: ingressgateway}}
+  template:
+    metadata: {labels: {istio: ingressgateway, app: istio-ingressgateway, sidecar.istio.io/inject: "false"}}
+    spec:
+      containers:
+      - name: istio-proxy
+        image: docker.io/istio/proxyv2:1.24.0
+        args: [proxy, router, --domain, $(POD_NAMESPACE).svc.cluster.local, --proxyLogLevel=warning]
+        env:
+        - {name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}
+        - {name: POD_NAMESPACE, valueFrom: {fieldRef: {fieldPath: metadata.namespace}}}
+        - {name: INSTANCE_IP, valueFrom: {fieldRef: {fieldPath: status.podIP}}}
+        - {name: ISTIO_META_WORKLOAD_NAME, value: istio-ingressgateway}
+        ports: [{containerPort: 80, name: http2}, {containerPort: 8080, name: http-redirect}, {containerPort: 15021, name: status-port}]
+        readinessProbe: {httpGet: {path: /healthz/ready, port: 15021}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: istio-ingressgateway, namespace: istio-system}
+spec:
+  type: LoadBalancer
+  selector: {istio: ingressgateway}
+  ports:
+  - {name: http2, port: 80, targetPort: 80}
+  - {name: http-redirect, port: 8080, targetPort: 8080}
+"#;
+
+const ROUTES: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: app-gateway, namespace: canary}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 80, name: http, protocol: HTTP}
+    hosts: ["*"]
+  - port: {number: 8080, name: http-redirect, protocol: HTTP}
+    hosts: ["*"]
+    tls: {httpsRedirect: true}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: app-public, namespace: canary}
+spec:
+  hosts: ["*"]
+  gateways: [app-gateway]
+  http:
+  - route:
+    - {destination: {host: app, subset: v1}, weight: 90}
+    - {destination: {host: app, subset: v2}, weight: 10}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: a-host, namespace: canary}
+spec:
+  hosts: [a.example.com]
+  gateways: [canary/app-gateway]
+  http:
+  - route: [{destination: {host: app.canary.svc.cluster.local, subset: v1}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: b-host, namespace: canary}
+spec:
+  hosts: [b.example.com]
+  gateways: [app-gateway]
+  http:
+  - route: [{destination: {host: app, subset: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: mesh-only, namespace: canary}
+spec:
+  hosts: [c.example.com]
+  http:
+  - route: [{destination: {host: app, subset: v2}}]
+"#;
+
+async fn from_outside(port: u16, n: u64, host: &str) -> Tally {
+    echo::load_opts(
+        &format!("http://127.0.0.1:{port}/productpage"),
+        &LoadOptions {
+            requests: n,
+            headers: vec![("host".into(), host.into())],
+            ..LoadOptions::default()
+        },
+    )
+    .await
+    .expect("load")
+}
+
+#[test]
+fn ingress_gateway_routes_traffic_from_outside() {
+    if !ferry_tests::netns::require_root("ingress_gateway_routes_traffic_from_outside") {
+        return;
+    }
+    let t = TestLab::up();
+    let lab = &t.0;
+    rt().block_on(async {
+        cli::apply(lab, demo::APP, "app.yaml", "default")
+            .await
+            .expect("app");
+        // The DestinationRule of the canary demo (subsets v1/v2).
+        let dr: String = demo::SPLIT.split("---").next().expect("dr").to_owned();
+        cli::apply(lab, &dr, "dr.yaml", "canary").await.expect("dr");
+        let applied = cli::apply(lab, INGRESS, "ingress.yaml", "default")
+            .await
+            .expect("ingress");
+        assert!(
+            applied.contains("service/istio-ingressgateway created"),
+            "{applied}"
+        );
+        cli::apply(lab, ROUTES, "routes.yaml", "default")
+            .await
+            .expect("routes");
+        let mut quiet = |_: &str| {};
+        cli::wait_ready(lab, "canary", 3, Duration::from_secs(90), &mut quiet)
+            .await
+            .expect("canary");
+        cli::wait_ready(lab, "istio-system", 2, Duration::from_secs(90), &mut quiet)
+            .await
+            .expect("gateway");
+        let svc = cli::get_one(lab, "svc", "istio-ingressgateway", "istio-system")
+            .await
+            .expect("svc");
+        let port_of = |i: usize| {
+            svc["spec"]["ports"][i]["nodePort"]
+                .as_u64()
+                .expect("nodePort") as u16
+        };
+        let (http, redirect) = (port_of(0), port_of(1));
+        assert!((30000..=32767).contains(&http));
+
+        // The gateway picks up its Gateway and routes: wait for the first 200 from outside.
+        let started = std::time::Instant::now();
+        loop {
+            let t = from_outside(http, 1, "shop.example.com").await;
+            if t.ok == 1 {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "gateway never served: {t:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+
+        // 90/10 over 1,000 requests from this machine, within 3 points.
+        let split = from_outside(http, 1000, "shop.example.com").await;
+        assert_eq!(split.ok, 1000, "{split:?}");
+        let v2 = *split.by_version.get("v2").unwrap_or(&0);
+        assert!((70..=130).contains(&v2), "v2 got {v2}/1000: {split:?}");
+
+        // Two hosts on one port, each with its own VirtualService.
+        let a = from_outside(http, 20, "a.example.com").await;
+        assert_eq!(a.by_version.get("v1"), Some(&20), "{a:?}");
+        let b = from_outside(http, 20, "b.example.com:80").await;
+        assert_eq!(b.by_version.get("v2"), Some(&20), "{b:?}");
+        // A VirtualService not bound to the gateway does not apply there: c.example.com falls
+        // to the "*" route bound to it, not to mesh-only's v2-only rule.
+        let c = from_outside(http, 40, "c.example.com").await;
+        assert_eq!(c.ok, 40, "{c:?}");
+        assert!(
+            c.by_version.get("v1").copied().unwrap_or(0) > 20,
+            "mesh-only VS must not apply: {c:?}"
+        );
+
+        // httpsRedirect on the other server.
+        let r = from_outside(redirect, 1, "shop.example.com").await;
+        assert_eq!(r.statuses.get(&301), Some(&1), "{r:?}");
+
+        // The gateway's own metrics say where it sent traffic.
+        let pods = ferry_tests::lab::testing::pods_by_name(lab, "istio-system").await;
+        let gw = ferry_tests::lab::testing::first_with_prefix(&pods, "istio-ingressgateway-");
+        let metrics = ferry_tests::lab::testing::exec_stdout(
+            lab,
+            &gw,
+            "istio-system",
+            None,
+            &[
+                "ferry-lab",
+                "http",
+                "http://127.0.0.1:15090/stats/prometheus",
+            ],
+        )
+        .await;
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("istio_requests_total{")
+                    && l.contains("source_workload=\"istio-ingressgateway\"")
+                    && l.contains("destination_version=\"v2\"")),
+            "{metrics}"
+        );
+    });
+}
