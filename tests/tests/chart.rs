@@ -177,6 +177,14 @@ fn chart_lints_renders_and_validates_with_each_value_set() {
         ("revision canary", &["revision=canary"]),
         ("namespaces by default", &["enableNamespacesByDefault=true"]),
         ("one replica", &["injector.replicas=1"]),
+        (
+            "NodePort gateway",
+            &[
+                "gateway.service.type=NodePort",
+                "gateway.autoscaling.enabled=false",
+            ],
+        ),
+        ("no gateway", &["gateway.enabled=false"]),
     ];
     for (name, s) in sets {
         helm(&t, &with_sets(&["lint", "--strict", chart_s], s))
@@ -189,7 +197,13 @@ fn chart_lints_renders_and_validates_with_each_value_set() {
         let cfg_text = cm[0]["data"]["config.yaml"].as_str().expect("config.yaml");
         let cfg = ferry_injector::config::Config::parse(cfg_text, "config.yaml")
             .unwrap_or_else(|e| panic!("{name}: the injector refuses the chart's config: {e}"));
-        let deploy = find(&objs, "Deployment")[0];
+        let deploy = find(&objs, "Deployment")
+            .into_iter()
+            .find(|d| {
+                d["metadata"]["name"] == "ferry-injector"
+                    || d["metadata"]["name"] == "ferry-injector-canary"
+            })
+            .expect("injector deployment");
         let pod = &deploy["spec"]["template"]["spec"];
         let c = &pod["containers"][0];
         let args: Vec<&str> = c["args"]
@@ -253,8 +267,43 @@ fn chart_lints_renders_and_validates_with_each_value_set() {
                 assert!(has("PodDisruptionBudget") && has("Role") && has("ClusterRoleBinding"));
                 assert_eq!(c["image"], "ghcr.io/ferry-mesh/ferry-injector:0.1.0");
                 assert!(cfg.native_sidecars);
-                let svc = find(&objs, "Service")[0];
+                let svc = find(&objs, "Service")
+                    .into_iter()
+                    .find(|s| s["metadata"]["name"] == "ferry-injector")
+                    .expect("injector service");
                 assert_eq!(svc["spec"]["ports"][0]["port"], 443);
+                // The ingress gateway: ferry-proxy as `proxy router`, LoadBalancer 15021/80/443,
+                // autoscaled, disruption-budgeted, reading Secrets in its namespace only.
+                let gw = find(&objs, "Deployment")
+                    .into_iter()
+                    .find(|d| d["metadata"]["name"] == "istio-ingressgateway")
+                    .expect("gateway deployment");
+                let gpod = &gw["spec"]["template"]["spec"];
+                assert_eq!(
+                    gw["spec"]["template"]["metadata"]["labels"]["istio"],
+                    "ingressgateway"
+                );
+                assert_eq!(gpod["containers"][0]["args"][1], "router");
+                assert_eq!(gpod["securityContext"]["runAsUser"], 1337);
+                let gsvc = find(&objs, "Service")
+                    .into_iter()
+                    .find(|s| s["metadata"]["name"] == "istio-ingressgateway")
+                    .expect("gateway service");
+                assert_eq!(gsvc["spec"]["type"], "LoadBalancer");
+                let ports: Vec<u64> = gsvc["spec"]["ports"]
+                    .as_array()
+                    .expect("ports")
+                    .iter()
+                    .filter_map(|p| p["port"].as_u64())
+                    .collect();
+                assert_eq!(ports, [15021, 80, 443]);
+                assert!(has("HorizontalPodAutoscaler"));
+                assert!(
+                    find(&objs, "Role")
+                        .iter()
+                        .any(|r| r["metadata"]["name"] == "istio-ingressgateway-secrets"
+                            && r["rules"][0]["resources"] == serde_json::json!(["secrets"]))
+                );
                 assert!(
                     find(&objs, "Pod")
                         .iter()
@@ -267,7 +316,12 @@ fn chart_lints_renders_and_validates_with_each_value_set() {
                 assert!(
                     mwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"].is_string()
                 );
-                assert!(!has("Role"), "no Secret access needed with cert-manager");
+                assert!(
+                    !find(&objs, "Role")
+                        .iter()
+                        .any(|r| r["metadata"]["name"] == "ferry-injector"),
+                    "the injector needs no Secret access with cert-manager"
+                );
                 let own_issuer = has("Issuer");
                 assert_eq!(own_issuer, *name == "cert-manager", "{name}");
             }
@@ -288,7 +342,24 @@ fn chart_lints_renders_and_validates_with_each_value_set() {
             "namespaces by default" => {
                 assert_eq!(mwc["webhooks"].as_array().map(Vec::len), Some(5))
             }
-            "one replica" => assert!(!has("PodDisruptionBudget")),
+            "one replica" => assert!(
+                !find(&objs, "PodDisruptionBudget")
+                    .iter()
+                    .any(|p| p["metadata"]["name"] == "ferry-injector")
+            ),
+            "NodePort gateway" => {
+                let gsvc = find(&objs, "Service")
+                    .into_iter()
+                    .find(|s| s["metadata"]["name"] == "istio-ingressgateway")
+                    .expect("gw svc");
+                assert_eq!(gsvc["spec"]["type"], "NodePort");
+                assert!(!has("HorizontalPodAutoscaler"));
+            }
+            "no gateway" => assert!(
+                !find(&objs, "Deployment")
+                    .iter()
+                    .any(|d| d["metadata"]["name"] == "istio-ingressgateway")
+            ),
             _ => {}
         }
     }
@@ -306,6 +377,7 @@ fn bad_values_are_refused_by_the_schema_naming_the_field() {
         ("webhook.failurePolicy=Sometimes", "failurePolicy"),
         ("injector.port=abc", "port"),
         ("revision=Not_A_Name", "revision"),
+        ("gateway.service.type=Ingress", "type"),
         ("injection.proxy.statusPort=70000", "statusPort"),
     ] {
         let err = render(&t, &[set]).expect_err(set);

@@ -40,9 +40,14 @@ fn lab_path(lab: &Lab, rel: &str) -> String {
 /// From `helm template lab charts/ferry -n istio-system` output.
 pub fn from_chart(lab: &Lab, rendered: &str) -> Result<ControlPlane, LabError> {
     let objs = super::cli::parse_yaml(rendered, "the rendered chart")?;
+    // The injector's objects (the chart also renders a gateway).
     let one = |kind: &str| -> Result<Value, LabError> {
         objs.iter()
-            .find(|o| o["kind"] == kind)
+            .find(|o| {
+                o["kind"] == kind
+                    && (kind == "MutatingWebhookConfiguration"
+                        || o["metadata"]["labels"]["app.kubernetes.io/name"] == "ferry-injector")
+            })
             .cloned()
             .ok_or_else(|| LabError::Invalid(format!("the rendered chart has no {kind}")))
     };
