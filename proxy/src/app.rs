@@ -159,7 +159,9 @@ pub async fn start(
         tokio::spawn(async move {
             let (watched, kube_changed) = match kube_client {
                 Some(c) => {
-                    let (w, n) = crate::k8s::watch_all(c);
+                    // A gateway reads the TLS Secrets of its own namespace (credentialName).
+                    let secrets = cfg.router.then(|| cfg.pod_namespace.clone());
+                    let (w, n) = crate::k8s::watch_all(c, secrets.as_deref());
                     (w, Some(n))
                 }
                 None => (Vec::new(), None),
@@ -196,7 +198,11 @@ pub async fn start(
                         Some(&cfg.pod_namespace),
                     );
                     if cfg.router {
-                        snap = snap.with_gateway(&cfg.instance_ips, &cfg.cluster_domain);
+                        snap = snap.with_gateway(
+                            &cfg.instance_ips,
+                            &cfg.pod_namespace,
+                            &cfg.cluster_domain,
+                        );
                     }
                     for r in &snap.rejected {
                         warn!(object = %r, "object ignored");

@@ -137,6 +137,8 @@ pub struct Snapshot {
     pub rejected: Vec<String>,
     /// In gateway mode: the Gateways selecting this proxy and their routes.
     pub gateway: Option<GatewayView>,
+    /// Secrets the proxy may read (a gateway's own namespace): decoded data by (ns, name).
+    pub secrets: crate::gateway_tls::Secrets,
 }
 
 /// What a gateway proxy serves: the Gateways that select its pod, their servers by port, and the
@@ -146,6 +148,8 @@ pub struct GatewayView {
     pub ids: Vec<String>,
     pub servers: BTreeMap<u16, Vec<(String, crate::gateway::Server)>>,
     pub routes: crate::routing::RouteTable,
+    /// Ports whose servers terminate TLS, with their configuration (certificates by SNI).
+    pub tls: BTreeMap<u16, std::sync::Arc<rustls::ServerConfig>>,
 }
 
 /// Where an outbound connection or request goes.
@@ -189,6 +193,23 @@ impl Snapshot {
                 "Service" => serde_json::from_value(o.clone()).map(|s| services.push(s)),
                 "EndpointSlice" => serde_json::from_value(o.clone()).map(|s| slices.push(s)),
                 "Pod" => serde_json::from_value(o.clone()).map(|p| pods.push(p)),
+                "Secret" => {
+                    use base64::Engine;
+                    let ns = o["metadata"]["namespace"].as_str().unwrap_or("default");
+                    let data: BTreeMap<String, Vec<u8>> = o["data"]
+                        .as_object()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|(k, v)| {
+                            let b = base64::engine::general_purpose::STANDARD
+                                .decode(v.as_str()?)
+                                .ok()?;
+                            Some((k.clone(), b))
+                        })
+                        .collect();
+                    snap.secrets.insert((ns.to_owned(), name.to_owned()), data);
+                    Ok(())
+                }
                 "VirtualService" | "DestinationRule" | "ServiceEntry" | "Sidecar" | "Gateway" => {
                     snap.istio.push(o.clone());
                     Ok(())
@@ -347,7 +368,7 @@ impl Snapshot {
     /// Add the gateway view for a proxy whose pod has one of `own_ips`: the Gateways whose
     /// selector matches its labels, their servers (a port claimed by two Gateways with different
     /// protocols is reported and served by the first), and their routes.
-    pub fn with_gateway(mut self, own_ips: &[IpAddr], domain: &str) -> Snapshot {
+    pub fn with_gateway(mut self, own_ips: &[IpAddr], namespace: &str, domain: &str) -> Snapshot {
         let labels = own_ips
             .iter()
             .find_map(|ip| self.workload(*ip))
@@ -380,6 +401,23 @@ impl Snapshot {
                     continue;
                 }
                 entry.push((g.id.clone(), s.clone()));
+            }
+        }
+        // TLS-terminating servers: one configuration per port, certificates chosen by SNI.
+        for (port, servers) in &view.servers {
+            let terminating = servers.iter().any(|(_, s)| {
+                matches!(
+                    s.protocol,
+                    crate::gateway::ServerProtocol::Https | crate::gateway::ServerProtocol::Tls
+                ) && matches!(s.tls_mode.as_deref(), Some("SIMPLE" | "MUTUAL"))
+            });
+            if terminating {
+                let (cfg, errors) =
+                    crate::gateway_tls::server_config(servers, namespace, &self.secrets);
+                self.rejected.extend(errors);
+                if let Some(cfg) = cfg {
+                    view.tls.insert(*port, cfg);
+                }
             }
         }
         view.routes = crate::routing::RouteTable::compile_gateway(&self.istio, domain, &view.ids);

@@ -35,7 +35,7 @@ impl ServerProtocol {
         })
     }
 
-    /// Served as plain-text HTTP by this build (TLS termination is not built yet).
+    /// Served as plain-text HTTP.
     pub fn is_plain_http(self) -> bool {
         matches!(
             self,
@@ -57,6 +57,18 @@ pub struct Server {
     pub https_redirect: bool,
     /// `tls.mode`, when the server has TLS settings.
     pub tls_mode: Option<String>,
+    pub tls: ServerTls,
+}
+
+/// A server's `tls` certificate settings.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServerTls {
+    pub credential_name: Option<String>,
+    pub server_certificate: Option<String>,
+    pub private_key: Option<String>,
+    pub ca_certificates: Option<String>,
+    /// `TLSV1_3` restricts to TLS 1.3; anything else allows 1.2 and 1.3.
+    pub min_tls13: bool,
 }
 
 /// A Gateway that may select this proxy.
@@ -116,6 +128,13 @@ pub fn parse(obj: &Value) -> Result<Gateway, String> {
             hosts,
             https_redirect: s["tls"]["httpsRedirect"] == true,
             tls_mode: s["tls"]["mode"].as_str().map(str::to_owned),
+            tls: ServerTls {
+                credential_name: s["tls"]["credentialName"].as_str().map(str::to_owned),
+                server_certificate: s["tls"]["serverCertificate"].as_str().map(str::to_owned),
+                private_key: s["tls"]["privateKey"].as_str().map(str::to_owned),
+                ca_certificates: s["tls"]["caCertificates"].as_str().map(str::to_owned),
+                min_tls13: s["tls"]["minProtocolVersion"].as_str() == Some("TLSV1_3"),
+            },
         });
     }
     if servers.is_empty() {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::reflector::{self, Store};
@@ -116,7 +116,7 @@ fn spawn_watch<K>(
 }
 
 /// Start watching everything the proxy needs; returns the watched kinds and a change signal.
-pub fn watch_all(client: Client) -> (Vec<Watched>, Arc<Notify>) {
+pub fn watch_all(client: Client, secrets_in: Option<&str>) -> (Vec<Watched>, Arc<Notify>) {
     let changed = Arc::new(Notify::new());
     let mut out = Vec::new();
 
@@ -142,6 +142,23 @@ pub fn watch_all(client: Client) -> (Vec<Watched>, Arc<Notify>) {
     typed!(Service, "Service", "v1");
     typed!(EndpointSlice, "EndpointSlice", "discovery.k8s.io/v1");
     typed!(Pod, "Pod", "v1");
+    if let Some(ns) = secrets_in {
+        let (reader, writer) = reflector::store::<Secret>();
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        spawn_watch(
+            Api::<Secret>::namespaced(client.clone(), ns),
+            writer,
+            "Secret".to_owned(),
+            changed.clone(),
+            tx,
+            false,
+        );
+        out.push(Watched {
+            kind: "Secret".into(),
+            read: Box::new(move || to_values(&reader, "Secret", "v1")),
+            synced: rx,
+        });
+    }
     for kind in ISTIO_KINDS {
         let ar = ApiResource::from_gvk(&GroupVersionKind::gvk("networking.istio.io", "v1", kind));
         let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());

@@ -18,6 +18,7 @@ pub mod detect;
 pub mod discovery;
 pub mod explain;
 pub mod gateway;
+pub mod gateway_tls;
 pub mod k8s;
 pub mod metrics;
 pub mod proxy;

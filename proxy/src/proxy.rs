@@ -339,34 +339,98 @@ impl Proxy {
         let Ok(local) = stream.local_addr() else {
             return;
         };
-        let protocol = self
-            .snap()
+        let snap = self.snap();
+        let port = local.port();
+        let first = snap
             .gateway
             .as_ref()
-            .and_then(|g| g.servers.get(&local.port()))
+            .and_then(|g| g.servers.get(&port))
             .and_then(|s| s.first())
-            .map(|(_, s)| s.protocol);
-        let span = info_span!("gateway", client.addr = %peer, port = local.port());
+            .map(|(_, s)| (s.protocol, s.tls_mode.clone()));
+        let tls = snap
+            .gateway
+            .as_ref()
+            .and_then(|g| g.tls.get(&port).cloned());
+        let span = info_span!("gateway", client.addr = %peer, port);
+        let c = Conn {
+            dir: Direction::Gateway,
+            peer,
+            orig: local,
+        };
+        let _ = stream.set_nodelay(true);
         async move {
-            match protocol {
-                Some(p) if p.is_plain_http() => {
-                    let _ = stream.set_nodelay(true);
-                    let c = Conn {
-                        dir: Direction::Gateway,
-                        peer,
-                        orig: local,
-                    };
-                    self.serve_http(c, stream).await;
+            use crate::gateway::ServerProtocol as P;
+            match first {
+                Some((p, _)) if p.is_plain_http() => self.serve_http(c, stream).await,
+                Some((P::Https | P::Tls, Some(mode))) if mode == "PASSTHROUGH" => {
+                    self.gateway_passthrough(c, stream, snap).await;
                 }
-                Some(p) => warn!(
+                Some((P::Https, _)) => match tls {
+                    Some(cfg) => {
+                        let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+                        match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                            Ok(Ok(tls)) => self.serve_http(c, tls).await,
+                            Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
+                            Err(_) => debug!("TLS handshake timed out"),
+                        }
+                    }
+                    None => warn!("no usable certificate for this HTTPS server (see the configuration's rejected list); connection closed"),
+                },
+                Some((p, mode)) => warn!(
                     protocol = ?p,
-                    "this gateway server's protocol is not served yet (HTTP, HTTP2 and GRPC are); connection closed"
+                    ?mode,
+                    "this gateway server's protocol/mode is not served (HTTP, HTTP2, GRPC, HTTPS SIMPLE/MUTUAL and TLS/HTTPS PASSTHROUGH are); connection closed"
                 ),
                 None => debug!("no Gateway server on this port any more; connection closed"),
             }
         }
         .instrument(span)
         .await
+    }
+
+    /// PASSTHROUGH: route the TLS connection by its SNI with the `tls[]` routes bound to this
+    /// gateway, without terminating it.
+    async fn gateway_passthrough(&self, c: Conn, stream: TcpStream, snap: Arc<Snapshot>) {
+        let Some(sni) = detect::peek_sni(&stream, Duration::from_secs(5)).await else {
+            debug!("PASSTHROUGH: no SNI in the ClientHello; connection closed");
+            return;
+        };
+        let Some(view) = snap.gateway.as_ref() else {
+            return;
+        };
+        let no_labels = std::collections::BTreeMap::new();
+        let conn = crate::routing::ConnView {
+            port: c.orig.port(),
+            destination: c.orig.ip(),
+            sni: Some(&sni),
+            source_labels: &no_labels,
+            source_namespace: &self.cfg.pod_namespace,
+        };
+        // A short service name in the VirtualService is stored fully qualified.
+        let fq = format!("{sni}.{}", self.cfg.cluster_domain);
+        let Some(route) = view
+            .routes
+            .find_l4(&sni, &conn)
+            .or_else(|| view.routes.find_l4(&fq, &conn))
+        else {
+            debug!(%sni, "PASSTHROUGH: no tls route bound to this gateway matches; connection closed");
+            return;
+        };
+        let Some(d) = crate::routing::pick_weighted(&route.destinations, roll() % 100) else {
+            return;
+        };
+        let Some(service) = snap.service_by_host(&d.host, &self.cfg.pod_namespace) else {
+            warn!(host = %d.host, "PASSTHROUGH destination is not a known service");
+            return;
+        };
+        let port = d
+            .port
+            .or_else(|| service.ports.first().map(|p| p.port))
+            .unwrap_or(443);
+        let subset = d.subset.clone();
+        let target = Target::Service { service, port };
+        self.relay_tcp(c, stream, snap.clone(), target, subset.as_deref())
+            .await;
     }
 
     /// Fill in the destination workload from the endpoint actually picked.
@@ -523,7 +587,7 @@ impl Proxy {
     ) {
         let mut labels = self.labels(&c, &snap, &target, "tcp");
         let picked = match (&c.dir, &target) {
-            (Direction::Outbound, Target::Service { service, port }) => {
+            (Direction::Outbound | Direction::Gateway, Target::Service { service, port }) => {
                 self.pick_endpoint(&c, &snap, service, (*port, subset, None), &|_: &str| None)
             }
             _ => self.tcp_upstream(&c, &target),
@@ -581,7 +645,10 @@ impl Proxy {
         self.metrics.tcp_closed.get_or_create(&labels).inc();
     }
 
-    async fn serve_http(self: &Arc<Self>, c: Conn, stream: TcpStream) {
+    async fn serve_http<S>(self: &Arc<Self>, c: Conn, stream: S)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let this = self.clone();
         let conn = c.clone();
         let svc = hyper::service::service_fn(move |req| {
@@ -662,17 +729,24 @@ impl Proxy {
             _ => None,
         };
         if c.dir == Direction::Gateway {
+            // The server on this port whose hosts admit the request's host (several servers
+            // may share a port, e.g. one per certificate on 443).
+            let host = gateway_host.as_deref().unwrap_or("");
             let server = snap
                 .gateway
                 .as_ref()
                 .and_then(|g| g.servers.get(&c.orig.port()))
-                .and_then(|s| s.first().map(|(_, s)| s.clone()));
-            let host = gateway_host.as_deref().unwrap_or("");
-            let admitted = server.as_ref().is_some_and(|s| {
-                s.hosts
-                    .iter()
-                    .any(|(_, pattern)| crate::gateway::host_matches(pattern, host))
-            });
+                .and_then(|list| {
+                    list.iter()
+                        .map(|(_, s)| s)
+                        .find(|s| {
+                            s.hosts
+                                .iter()
+                                .any(|(_, pattern)| crate::gateway::host_matches(pattern, host))
+                        })
+                        .cloned()
+                });
+            let admitted = server.is_some();
             if server.as_ref().is_some_and(|s| s.https_redirect) {
                 let mut r = full(StatusCode::MOVED_PERMANENTLY, "redirect");
                 if let Ok(v) = hyper::header::HeaderValue::from_str(&format!(
@@ -724,7 +798,14 @@ impl Proxy {
                     source_labels: me.as_ref().map(|w| &w.labels).unwrap_or(&no_labels),
                     source_namespace: &self.cfg.pod_namespace,
                 };
-                table.find(host, &view)
+                match table.find(host, &view) {
+                    // At a gateway, `name.ns.svc` hosts are stored fully qualified.
+                    None if c.dir == Direction::Gateway && host.ends_with(".svc") => {
+                        let fq = format!("{host}.{}", self.cfg.cluster_domain);
+                        table.find(&fq, &view)
+                    }
+                    found => found,
+                }
             };
             // A gateway has nothing but its VirtualServices: no match is 404 (NR), as for a
             // sidecar host that a VirtualService owns.

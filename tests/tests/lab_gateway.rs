@@ -27,7 +27,7 @@ spec:
         - {name: POD_NAMESPACE, valueFrom: {fieldRef: {fieldPath: metadata.namespace}}}
         - {name: INSTANCE_IP, valueFrom: {fieldRef: {fieldPath: status.podIP}}}
         - {name: ISTIO_META_WORKLOAD_NAME, value: istio-ingressgateway}
-        ports: [{containerPort: 80, name: http2}, {containerPort: 8080, name: http-redirect}, {containerPort: 15021, name: status-port}]
+        ports: [{containerPort: 80, name: http2}, {containerPort: 8080, name: http-redirect}, {containerPort: 443, name: https}, {containerPort: 8443, name: tls-passthrough}, {containerPort: 15021, name: status-port}]
         readinessProbe: {httpGet: {path: /healthz/ready, port: 15021}}
 ---
 apiVersion: v1
@@ -39,6 +39,8 @@ spec:
   ports:
   - {name: http2, port: 80, targetPort: 80}
   - {name: http-redirect, port: 8080, targetPort: 8080}
+  - {name: https, port: 443, targetPort: 443}
+  - {name: tls-passthrough, port: 8443, targetPort: 8443}
 "#;
 
 const ROUTES: &str = r#"
@@ -53,6 +55,18 @@ spec:
   - port: {number: 8080, name: http-redirect, protocol: HTTP}
     hosts: ["*"]
     tls: {httpsRedirect: true}
+  - port: {number: 443, name: https-a, protocol: HTTPS}
+    hosts: [a.example.com]
+    tls: {mode: SIMPLE, credentialName: a-cert}
+  - port: {number: 443, name: https-b, protocol: HTTPS}
+    hosts: [b.example.com]
+    tls: {mode: SIMPLE, credentialName: b-cert}
+  - port: {number: 443, name: https-c, protocol: HTTPS}
+    hosts: [c.example.com]
+    tls: {mode: SIMPLE, credentialName: missing-cert}
+  - port: {number: 8443, name: tls-passthrough, protocol: TLS}
+    hosts: [ferry-injector.istio-system.svc]
+    tls: {mode: PASSTHROUGH}
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -85,12 +99,46 @@ spec:
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
+metadata: {name: webhook-passthrough, namespace: canary}
+spec:
+  hosts: [ferry-injector.istio-system.svc]
+  gateways: [app-gateway]
+  tls:
+  - match: [{port: 8443, sniHosts: [ferry-injector.istio-system.svc]}]
+    route: [{destination: {host: ferry-injector.istio-system.svc.cluster.local, port: {number: 443}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
 metadata: {name: mesh-only, namespace: canary}
 spec:
   hosts: [c.example.com]
   http:
   - route: [{destination: {host: app, subset: v2}}]
 "#;
+
+fn secret(name: &str, pair: &ferry_tests::tls::Pair) -> String {
+    serde_yaml::to_string(&serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": {"name": name, "namespace": "istio-system"},
+        "stringData": {"tls.crt": pair.cert_pem, "tls.key": pair.key_pem},
+    }))
+    .expect("yaml")
+}
+
+fn der(pem: &str) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .expect("pem")
+        .as_ref()
+        .to_vec()
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .expect("base64")
+}
 
 async fn from_outside(port: u16, n: u64, host: &str) -> Tally {
     echo::load_opts(
@@ -129,6 +177,22 @@ fn ingress_gateway_routes_traffic_from_outside() {
         cli::apply(lab, ROUTES, "routes.yaml", "default")
             .await
             .expect("routes");
+        let pki = ferry_tests::tls::Pki::new("gateway test CA");
+        let ca_pem = pki.ca_pem();
+        let a1 = pki.issue(&["a.example.com"], 2036);
+        let b_pair = pki.issue(&["b.example.com"], 2036);
+        cli::apply(
+            lab,
+            &format!(
+                "{}---\n{}",
+                secret("a-cert", &a1),
+                secret("b-cert", &b_pair)
+            ),
+            "certs.yaml",
+            "default",
+        )
+        .await
+        .expect("secrets");
         let mut quiet = |_: &str| {};
         cli::wait_ready(lab, "canary", 3, Duration::from_secs(90), &mut quiet)
             .await
@@ -147,6 +211,8 @@ fn ingress_gateway_routes_traffic_from_outside() {
         let (http, redirect) = (port_of(0), port_of(1));
         assert!((30000..=32767).contains(&http));
 
+        let pods = ferry_tests::lab::testing::pods_by_name(lab, "istio-system").await;
+        let gw = ferry_tests::lab::testing::first_with_prefix(&pods, "istio-ingressgateway-");
         // The gateway picks up its Gateway and routes: wait for the first 200 from outside.
         let started = std::time::Instant::now();
         loop {
@@ -185,9 +251,85 @@ fn ingress_gateway_routes_traffic_from_outside() {
         let r = from_outside(redirect, 1, "shop.example.com").await;
         assert_eq!(r.statuses.get(&301), Some(&1), "{r:?}");
 
+        // HTTPS, two certificates on one port chosen by SNI; the client verifies each.
+        let https = port_of(2);
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], https));
+        let get = async |host: &str, ca: &str| -> Result<(Vec<u8>, String), String> {
+            let mut c = ferry_tests::tls::Client::connect(addr, host, ca).await?;
+            let (code, body) = c.request("GET", "/productpage", None, vec![]).await?;
+            if code != 200 {
+                return Err(format!("status {code}"));
+            }
+            Ok((
+                c.peer_cert.as_ref().to_vec(),
+                String::from_utf8_lossy(&body).into_owned(),
+            ))
+        };
+        let (cert_a, body) = get("a.example.com", &ca_pem).await.expect("https a");
+        assert!(body.contains("\"version\":\"v1\""), "{body}");
+        assert_eq!(cert_a, der(&a1.cert_pem));
+        let (cert_b, body) = get("b.example.com", &ca_pem).await.expect("https b");
+        assert!(body.contains("\"version\":\"v2\""), "{body}");
+        assert_eq!(cert_b, der(&b_pair.cert_pem));
+        // A server whose Secret is missing is reported and not served; the others keep working.
+        assert!(
+            get("c.example.com", &ca_pem).await.is_err(),
+            "c has no certificate"
+        );
+        let log = cli::logs(lab, &gw, "istio-system", None)
+            .await
+            .expect("gateway log");
+        assert!(
+            log.contains("missing-cert") && log.contains("not served"),
+            "{log}"
+        );
+        // The Secret is rotated while serving: new connections get the new certificate.
+        let a2 = pki.issue(&["a.example.com"], 2036);
+        cli::apply(lab, &secret("a-cert", &a2), "a2.yaml", "default")
+            .await
+            .expect("rotate");
+        let started = std::time::Instant::now();
+        loop {
+            match get("a.example.com", &ca_pem).await {
+                Ok((cert, _)) if cert == der(&a2.cert_pem) => break,
+                _ => {}
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "rotated certificate never served"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(
+            get("b.example.com", &ca_pem).await.is_ok(),
+            "b unaffected by a's rotation"
+        );
+
+        // PASSTHROUGH: TLS to the webhook inside the cluster, routed by SNI and not
+        // terminated — the client verifies the webhook's own certificate (its caBundle).
+        let mwcs = cli::list(lab, "mutatingwebhookconfigurations", None)
+            .await
+            .expect("mwc");
+        let bundle = mwcs[0]["webhooks"][0]["clientConfig"]["caBundle"]
+            .as_str()
+            .expect("caBundle");
+        let webhook_ca = String::from_utf8(base64_decode(bundle)).expect("pem");
+        let pass = std::net::SocketAddr::from(([127, 0, 0, 1], port_of(3)));
+        let server = mwcs[0]["webhooks"][0]["clientConfig"]["service"]["name"]
+            .as_str()
+            .expect("svc")
+            .to_owned();
+        let name = format!("{server}.istio-system.svc");
+        let mut c = ferry_tests::tls::Client::connect(pass, &name, &webhook_ca)
+            .await
+            .expect("passthrough TLS");
+        let (code, _) = c
+            .request("GET", "/healthz/ready", None, vec![])
+            .await
+            .expect("ready");
+        assert_eq!(code, 200);
+
         // The gateway's own metrics say where it sent traffic.
-        let pods = ferry_tests::lab::testing::pods_by_name(lab, "istio-system").await;
-        let gw = ferry_tests::lab::testing::first_with_prefix(&pods, "istio-ingressgateway-");
         let metrics = ferry_tests::lab::testing::exec_stdout(
             lab,
             &gw,

@@ -287,6 +287,8 @@ pub async fn apply(
                 // Unchanged if everything the file says is already so (server-filled fields
                 // such as a ClusterIP or added labels do not count as changes).
                 let unchanged = is_subset(&obj["spec"], &cur["spec"])
+                    && is_subset(&obj["data"], &cur["data"])
+                    && obj.get("stringData").is_none()
                     && is_subset(&obj["metadata"]["labels"], &cur["metadata"]["labels"])
                     && is_subset(
                         &obj["metadata"]["annotations"],

@@ -367,6 +367,19 @@ async fn admit(ctx: &Arc<Ctx>, mut obj: Value, old: Option<Value>) -> Result<Val
             obj["status"] = json!({"phase": "Active"});
         }
         "Service" => allocate_cluster_ip(ctx, &mut obj, old.as_ref())?,
+        "Secret" => {
+            // As the API server does: stringData is merged into data, base64-encoded.
+            if let Some(sd) = obj.get("stringData").and_then(Value::as_object).cloned() {
+                for (k, v) in sd {
+                    let b = base64::engine::general_purpose::STANDARD
+                        .encode(v.as_str().unwrap_or_default());
+                    obj["data"][k] = json!(b);
+                }
+                if let Some(m) = obj.as_object_mut() {
+                    m.remove("stringData");
+                }
+            }
+        }
         "Pod" => match &old {
             Some(old) if old["spec"] != obj["spec"] => {
                 return Err(refuse(

@@ -122,6 +122,7 @@ pub const APPLIABLE: &[&str] = &[
     "VirtualService",
     "DestinationRule",
     "Gateway",
+    "Secret",
 ];
 
 /// The fake API server's resource list (the storage version of each kind).

@@ -1,0 +1,166 @@
+//! TLS for gateway servers: per port, one rustls configuration whose certificate is chosen by
+//! SNI among the servers' hosts — from the Kubernetes Secret named by `credentialName` (in the
+//! gateway's namespace; `tls.crt`/`tls.key`, or `cert`/`key`), or from `serverCertificate` /
+//! `privateKey` files. `MUTUAL` verifies client certificates against `ca.crt` (or the
+//! `<credentialName>-cacert` Secret, or `caCertificates`). Built once per configuration change,
+//! so a rotated Secret is served to new connections without a restart. A server whose material
+//! is missing or bad is reported and left out; the other servers keep working.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::gateway::Server;
+
+/// Secrets by (namespace, name): their decoded data.
+pub type Secrets = HashMap<(String, String), BTreeMap<String, Vec<u8>>>;
+
+#[derive(Debug)]
+struct SniResolver {
+    entries: Vec<(Vec<String>, Arc<CertifiedKey>)>,
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        match hello.server_name() {
+            Some(sni) => self
+                .entries
+                .iter()
+                .find(|(hosts, _)| hosts.iter().any(|h| crate::gateway::host_matches(h, sni)))
+                .map(|(_, k)| k.clone()),
+            // No SNI: the first server's certificate, as Envoy's first filter chain would.
+            None => self.entries.first().map(|(_, k)| k.clone()),
+        }
+    }
+}
+
+fn key_of(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<CertifiedKey>, String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("certificate is not PEM: {e}"))?;
+    if chain.is_empty() {
+        return Err("no certificate in the PEM data".into());
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|e| format!("private key is not PEM: {e}"))?;
+    let signing = rustls::crypto::ring::default_provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| format!("unusable private key: {e}"))?;
+    let ck = CertifiedKey::new(chain, signing);
+    ck.keys_match()
+        .map_err(|e| format!("the private key does not match the certificate: {e}"))?;
+    Ok(Arc::new(ck))
+}
+
+/// A server's PEM material: certificate chain, key, and client CA (MUTUAL).
+type Material = (Vec<u8>, Vec<u8>, Option<Vec<u8>>);
+
+fn material(s: &Server, ns: &str, secrets: &Secrets) -> Result<Material, String> {
+    if let Some(name) = &s.tls.credential_name {
+        let data = secrets.get(&(ns.to_owned(), name.clone())).ok_or_else(|| {
+            format!("credentialName {name:?}: no Secret of that name in namespace {ns}")
+        })?;
+        let pick = |a: &str, b: &str| data.get(a).or_else(|| data.get(b)).cloned();
+        let cert = pick("tls.crt", "cert")
+            .ok_or_else(|| format!("Secret {ns}/{name} has no tls.crt (or cert)"))?;
+        let key = pick("tls.key", "key")
+            .ok_or_else(|| format!("Secret {ns}/{name} has no tls.key (or key)"))?;
+        let ca = pick("ca.crt", "cacert").or_else(|| {
+            secrets
+                .get(&(ns.to_owned(), format!("{name}-cacert")))
+                .and_then(|d| d.get("ca.crt").or_else(|| d.get("cacert")).cloned())
+        });
+        return Ok((cert, key, ca));
+    }
+    let read = |p: &Option<String>, what: &str| -> Result<Vec<u8>, String> {
+        let p = p
+            .as_ref()
+            .ok_or_else(|| format!("needs credentialName or {what}"))?;
+        std::fs::read(p).map_err(|e| format!("{what} {p}: {e}"))
+    };
+    let cert = read(&s.tls.server_certificate, "serverCertificate")?;
+    let key = read(&s.tls.private_key, "privateKey")?;
+    let ca = match &s.tls.ca_certificates {
+        Some(p) => Some(std::fs::read(p).map_err(|e| format!("caCertificates {p}: {e}"))?),
+        None => None,
+    };
+    Ok((cert, key, ca))
+}
+
+/// The TLS configuration for the terminating servers on one port, and a line per server left
+/// out (naming the Gateway, port and reason).
+pub fn server_config(
+    servers: &[(String, Server)],
+    namespace: &str,
+    secrets: &Secrets,
+) -> (Option<Arc<rustls::ServerConfig>>, Vec<String>) {
+    let mut errors = Vec::new();
+    let mut entries = Vec::new();
+    let mut roots = rustls::RootCertStore::empty();
+    let mut mutual = false;
+    let mut tls13_only = false;
+    for (gw, s) in servers {
+        let mode = s.tls_mode.as_deref().unwrap_or("SIMPLE");
+        if !matches!(mode, "SIMPLE" | "MUTUAL") {
+            continue;
+        }
+        let hosts: Vec<String> = s.hosts.iter().map(|(_, h)| h.clone()).collect();
+        match material(s, namespace, secrets).and_then(|(c, k, ca)| Ok((key_of(&c, &k)?, ca))) {
+            Ok((key, ca)) => {
+                if mode == "MUTUAL" {
+                    mutual = true;
+                    let Some(ca) = ca else {
+                        errors.push(format!("Gateway {gw} port {} hosts {hosts:?}: MUTUAL needs ca.crt (in the Secret, a -cacert Secret, or caCertificates)", s.port));
+                        continue;
+                    };
+                    for c in CertificateDer::pem_slice_iter(&ca).filter_map(Result::ok) {
+                        let _ = roots.add(c);
+                    }
+                }
+                tls13_only |= s.tls.min_tls13;
+                entries.push((hosts, key));
+            }
+            Err(e) => errors.push(format!(
+                "Gateway {gw} port {} hosts {hosts:?}: {e}; this server is not served",
+                s.port
+            )),
+        }
+    }
+    if entries.is_empty() {
+        return (None, errors);
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let versions: &[&rustls::SupportedProtocolVersion] = if tls13_only {
+        &[&rustls::version::TLS13]
+    } else {
+        &[&rustls::version::TLS12, &rustls::version::TLS13]
+    };
+    let builder = match rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(versions)
+    {
+        Ok(b) => b,
+        Err(e) => {
+            errors.push(format!("TLS setup: {e}"));
+            return (None, errors);
+        }
+    };
+    let builder = if mutual {
+        match WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).build() {
+            Ok(v) => builder.with_client_cert_verifier(v),
+            Err(e) => {
+                errors.push(format!("client certificate verification: {e}"));
+                return (None, errors);
+            }
+        }
+    } else {
+        builder.with_no_client_auth()
+    };
+    let mut cfg = builder.with_cert_resolver(Arc::new(SniResolver { entries }));
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    (Some(Arc::new(cfg)), errors)
+}
