@@ -213,6 +213,11 @@ pub async fn start(
                         "configuration snapshot updated"
                     );
                     metrics.config_version.set(version as i64);
+                    metrics.gateway_server_errors.set(
+                        snap.gateway
+                            .as_ref()
+                            .map_or(0, |g| g.server_errors.len() as i64),
+                    );
                     snap_tx.send_replace(Arc::new(snap));
                     dirty = false;
                 }

@@ -149,7 +149,9 @@ pub struct GatewayView {
     pub servers: BTreeMap<u16, Vec<(String, crate::gateway::Server)>>,
     pub routes: crate::routing::RouteTable,
     /// Ports whose servers terminate TLS, with their configuration (certificates by SNI).
-    pub tls: BTreeMap<u16, std::sync::Arc<rustls::ServerConfig>>,
+    pub tls: BTreeMap<u16, Vec<(Vec<String>, std::sync::Arc<rustls::ServerConfig>)>>,
+    /// Servers left out (bad or missing certificate material), one line each.
+    pub server_errors: Vec<String>,
 }
 
 /// Where an outbound connection or request goes.
@@ -412,11 +414,12 @@ impl Snapshot {
                 ) && matches!(s.tls_mode.as_deref(), Some("SIMPLE" | "MUTUAL"))
             });
             if terminating {
-                let (cfg, errors) =
-                    crate::gateway_tls::server_config(servers, namespace, &self.secrets);
-                self.rejected.extend(errors);
-                if let Some(cfg) = cfg {
-                    view.tls.insert(*port, cfg);
+                let (configs, errors) =
+                    crate::gateway_tls::server_configs(servers, namespace, &self.secrets);
+                self.rejected.extend(errors.iter().cloned());
+                view.server_errors.extend(errors);
+                if !configs.is_empty() {
+                    view.tls.insert(*port, configs);
                 }
             }
         }

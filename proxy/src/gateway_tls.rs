@@ -1,5 +1,6 @@
-//! TLS for gateway servers: per port, one rustls configuration whose certificate is chosen by
-//! SNI among the servers' hosts — from the Kubernetes Secret named by `credentialName` (in the
+//! TLS for gateway servers: per server, a rustls configuration (chosen per connection by the
+//! ClientHello's SNI among the servers of the port) with its certificate from the Kubernetes
+//! Secret named by `credentialName` (in the
 //! gateway's namespace; `tls.crt`/`tls.key`, or `cert`/`key`), or from `serverCertificate` /
 //! `privateKey` files. `MUTUAL` verifies client certificates against `ca.crt` (or the
 //! `<credentialName>-cacert` Secret, or `caCertificates`). Built once per configuration change,
@@ -92,75 +93,87 @@ fn material(s: &Server, ns: &str, secrets: &Secrets) -> Result<Material, String>
     Ok((cert, key, ca))
 }
 
-/// The TLS configuration for the terminating servers on one port, and a line per server left
-/// out (naming the Gateway, port and reason).
-pub fn server_config(
+/// Per terminating server on one port: its hosts and its own TLS configuration (certificate,
+/// client verification for MUTUAL, minimum version); plus a line per server left out, naming
+/// the Gateway, port and reason. The connection's SNI picks the server.
+pub fn server_configs(
     servers: &[(String, Server)],
     namespace: &str,
     secrets: &Secrets,
-) -> (Option<Arc<rustls::ServerConfig>>, Vec<String>) {
+) -> (Vec<(Vec<String>, Arc<rustls::ServerConfig>)>, Vec<String>) {
     let mut errors = Vec::new();
-    let mut entries = Vec::new();
-    let mut roots = rustls::RootCertStore::empty();
-    let mut mutual = false;
-    let mut tls13_only = false;
+    let mut out = Vec::new();
     for (gw, s) in servers {
         let mode = s.tls_mode.as_deref().unwrap_or("SIMPLE");
         if !matches!(mode, "SIMPLE" | "MUTUAL") {
             continue;
         }
         let hosts: Vec<String> = s.hosts.iter().map(|(_, h)| h.clone()).collect();
-        match material(s, namespace, secrets).and_then(|(c, k, ca)| Ok((key_of(&c, &k)?, ca))) {
-            Ok((key, ca)) => {
-                if mode == "MUTUAL" {
-                    mutual = true;
-                    let Some(ca) = ca else {
-                        errors.push(format!("Gateway {gw} port {} hosts {hosts:?}: MUTUAL needs ca.crt (in the Secret, a -cacert Secret, or caCertificates)", s.port));
-                        continue;
-                    };
-                    for c in CertificateDer::pem_slice_iter(&ca).filter_map(Result::ok) {
-                        let _ = roots.add(c);
-                    }
-                }
-                tls13_only |= s.tls.min_tls13;
-                entries.push((hosts, key));
-            }
+        let built = material(s, namespace, secrets).and_then(|(c, k, ca)| {
+            let key = key_of(&c, &k)?;
+            build(key, (mode == "MUTUAL").then_some(ca), s.tls.min_tls13)
+        });
+        match built {
+            Ok(cfg) => out.push((hosts, cfg)),
             Err(e) => errors.push(format!(
                 "Gateway {gw} port {} hosts {hosts:?}: {e}; this server is not served",
                 s.port
             )),
         }
     }
-    if entries.is_empty() {
-        return (None, errors);
-    }
+    (out, errors)
+}
+
+fn build(
+    key: Arc<CertifiedKey>,
+    client_ca: Option<Option<Vec<u8>>>,
+    tls13_only: bool,
+) -> Result<Arc<rustls::ServerConfig>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let versions: &[&rustls::SupportedProtocolVersion] = if tls13_only {
         &[&rustls::version::TLS13]
     } else {
         &[&rustls::version::TLS12, &rustls::version::TLS13]
     };
-    let builder = match rustls::ServerConfig::builder_with_provider(provider.clone())
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(versions)
-    {
-        Ok(b) => b,
-        Err(e) => {
-            errors.push(format!("TLS setup: {e}"));
-            return (None, errors);
+        .map_err(|e| format!("TLS setup: {e}"))?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(None) => {
+            return Err(
+                "MUTUAL needs ca.crt (in the Secret, a <name>-cacert Secret, or caCertificates)"
+                    .into(),
+            );
         }
-    };
-    let builder = if mutual {
-        match WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).build() {
-            Ok(v) => builder.with_client_cert_verifier(v),
-            Err(e) => {
-                errors.push(format!("client certificate verification: {e}"));
-                return (None, errors);
+        Some(Some(ca)) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(&ca).filter_map(Result::ok) {
+                roots.add(c).map_err(|e| format!("ca.crt: {e}"))?;
             }
+            let v = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| format!("client certificate verification: {e}"))?;
+            builder.with_client_cert_verifier(v)
         }
-    } else {
-        builder.with_no_client_auth()
     };
-    let mut cfg = builder.with_cert_resolver(Arc::new(SniResolver { entries }));
+    let mut cfg = builder.with_cert_resolver(Arc::new(SniResolver {
+        entries: vec![(vec!["*".to_owned()], key)],
+    }));
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    (Some(Arc::new(cfg)), errors)
+    Ok(Arc::new(cfg))
+}
+
+/// The configuration of the server whose hosts match the SNI (no SNI: the first server).
+pub fn pick<'a>(
+    configs: &'a [(Vec<String>, Arc<rustls::ServerConfig>)],
+    sni: Option<&str>,
+) -> Option<&'a Arc<rustls::ServerConfig>> {
+    match sni {
+        Some(sni) => configs
+            .iter()
+            .find(|(hosts, _)| hosts.iter().any(|h| crate::gateway::host_matches(h, sni)))
+            .map(|(_, c)| c),
+        None => configs.first().map(|(_, c)| c),
+    }
 }

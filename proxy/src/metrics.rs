@@ -47,6 +47,8 @@ pub struct Metrics {
     pub loops_refused: Counter,
     /// Resilience events, by destination service and kind (bounded sets).
     pub resilience: Family<EventLabels, Counter>,
+    /// Gateway servers not served because their certificate material is missing or bad.
+    pub gateway_server_errors: Gauge,
 }
 
 /// Labels of a resilience event.
@@ -155,7 +157,14 @@ impl Metrics {
             "Retries, timeouts, circuit-breaker overflows, outlier ejections and injected faults",
             resilience.clone(),
         );
+        let gateway_server_errors = Gauge::default();
+        ferry.register(
+            "gateway_server_errors",
+            "Gateway servers left out of the current configuration (missing or bad certificate material)",
+            gateway_server_errors.clone(),
+        );
         Metrics {
+            gateway_server_errors,
             resilience,
             registry: root,
             requests,

@@ -363,12 +363,30 @@ impl Proxy {
             match first {
                 Some((p, _)) if p.is_plain_http() => self.serve_http(c, stream).await,
                 Some((P::Https | P::Tls, Some(mode))) if mode == "PASSTHROUGH" => {
-                    self.gateway_passthrough(c, stream, snap).await;
+                    match detect::peek_sni(&stream, Duration::from_secs(5)).await {
+                        Some(sni) => self.gateway_l4(c, stream, snap, Some(sni)).await,
+                        None => debug!("PASSTHROUGH: no SNI in the ClientHello; connection closed"),
+                    }
                 }
+                Some((P::Tcp, _)) => self.gateway_l4(c, stream, snap, None).await,
                 Some((P::Https, _)) => match tls {
-                    Some(cfg) => {
-                        let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
-                        match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                    // The ClientHello's SNI picks the server (its certificate, client
+                    // verification and versions), then the handshake completes with it.
+                    Some(configs) => {
+                        let handshake = async {
+                            let start = tokio_rustls::LazyConfigAcceptor::new(
+                                rustls::server::Acceptor::default(),
+                                stream,
+                            )
+                            .await
+                            .map_err(|e| e.to_string())?;
+                            let sni = start.client_hello().server_name().map(str::to_owned);
+                            let cfg = crate::gateway_tls::pick(&configs, sni.as_deref())
+                                .cloned()
+                                .ok_or_else(|| format!("no server on this port for SNI {sni:?}"))?;
+                            start.into_stream(cfg).await.map_err(|e| e.to_string())
+                        };
+                        match tokio::time::timeout(Duration::from_secs(10), handshake).await {
                             Ok(Ok(tls)) => self.serve_http(c, tls).await,
                             Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
                             Err(_) => debug!("TLS handshake timed out"),
@@ -388,13 +406,15 @@ impl Proxy {
         .await
     }
 
-    /// PASSTHROUGH: route the TLS connection by its SNI with the `tls[]` routes bound to this
-    /// gateway, without terminating it.
-    async fn gateway_passthrough(&self, c: Conn, stream: TcpStream, snap: Arc<Snapshot>) {
-        let Some(sni) = detect::peek_sni(&stream, Duration::from_secs(5)).await else {
-            debug!("PASSTHROUGH: no SNI in the ClientHello; connection closed");
-            return;
-        };
+    /// PASSTHROUGH (by SNI, not terminated) and TCP servers: the `tls[]` / `tcp[]` routes of
+    /// the VirtualServices bound to this gateway, looked up by the SNI and by the server's hosts.
+    async fn gateway_l4(
+        &self,
+        c: Conn,
+        stream: TcpStream,
+        snap: Arc<Snapshot>,
+        sni: Option<String>,
+    ) {
         let Some(view) = snap.gateway.as_ref() else {
             return;
         };
@@ -402,18 +422,24 @@ impl Proxy {
         let conn = crate::routing::ConnView {
             port: c.orig.port(),
             destination: c.orig.ip(),
-            sni: Some(&sni),
+            sni: sni.as_deref(),
             source_labels: &no_labels,
             source_namespace: &self.cfg.pod_namespace,
         };
-        // A short service name in the VirtualService is stored fully qualified.
-        let fq = format!("{sni}.{}", self.cfg.cluster_domain);
-        let Some(route) = view
-            .routes
-            .find_l4(&sni, &conn)
-            .or_else(|| view.routes.find_l4(&fq, &conn))
-        else {
-            debug!(%sni, "PASSTHROUGH: no tls route bound to this gateway matches; connection closed");
+        // Candidate hosts: the SNI (as given and fully qualified), then the server's hosts.
+        let mut hosts: Vec<String> = Vec::new();
+        if let Some(s) = &sni {
+            hosts.push(s.clone());
+            hosts.push(format!("{s}.{}", self.cfg.cluster_domain));
+        }
+        for (_, server) in view.servers.get(&c.orig.port()).into_iter().flatten() {
+            hosts.extend(server.hosts.iter().map(|(_, h)| h.clone()));
+        }
+        let Some(route) = hosts.iter().find_map(|h| view.routes.find_l4(h, &conn)) else {
+            debug!(
+                ?sni,
+                "no tls/tcp route bound to this gateway matches; connection closed"
+            );
             return;
         };
         let Some(d) = crate::routing::pick_weighted(&route.destinations, roll() % 100) else {

@@ -71,6 +71,16 @@ impl Client {
         server_name: &str,
         ca_pem: &str,
     ) -> Result<Client, String> {
+        Self::connect_with(addr, server_name, ca_pem, None).await
+    }
+
+    /// [`Client::connect`], presenting a client certificate (`cert_pem`, `key_pem`) if given.
+    pub async fn connect_with(
+        addr: SocketAddr,
+        server_name: &str,
+        ca_pem: &str,
+        identity: Option<(&str, &str)>,
+    ) -> Result<Client, String> {
         let mut roots = rustls::RootCertStore::empty();
         for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
             roots
@@ -82,8 +92,21 @@ impl Client {
         ))
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+        let config = match identity {
+            None => config.with_no_client_auth(),
+            Some((cert, key)) => {
+                let chain: Vec<CertificateDer<'static>> =
+                    CertificateDer::pem_slice_iter(cert.as_bytes())
+                        .collect::<Result<_, _>>()
+                        .map_err(|e| e.to_string())?;
+                let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes())
+                    .map_err(|e| e.to_string())?;
+                config
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| e.to_string())?
+            }
+        };
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
         let name = ServerName::try_from(server_name.to_owned()).map_err(|e| e.to_string())?;

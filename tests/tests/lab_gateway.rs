@@ -27,7 +27,7 @@ spec:
         - {name: POD_NAMESPACE, valueFrom: {fieldRef: {fieldPath: metadata.namespace}}}
         - {name: INSTANCE_IP, valueFrom: {fieldRef: {fieldPath: status.podIP}}}
         - {name: ISTIO_META_WORKLOAD_NAME, value: istio-ingressgateway}
-        ports: [{containerPort: 80, name: http2}, {containerPort: 8080, name: http-redirect}, {containerPort: 443, name: https}, {containerPort: 8443, name: tls-passthrough}, {containerPort: 15021, name: status-port}]
+        ports: [{containerPort: 80, name: http2}, {containerPort: 8080, name: http-redirect}, {containerPort: 443, name: https}, {containerPort: 8443, name: tls-passthrough}, {containerPort: 31400, name: tcp}, {containerPort: 15021, name: status-port}]
         readinessProbe: {httpGet: {path: /healthz/ready, port: 15021}}
 ---
 apiVersion: v1
@@ -41,6 +41,7 @@ spec:
   - {name: http-redirect, port: 8080, targetPort: 8080}
   - {name: https, port: 443, targetPort: 443}
   - {name: tls-passthrough, port: 8443, targetPort: 8443}
+  - {name: tcp, port: 31400, targetPort: 31400}
 "#;
 
 const ROUTES: &str = r#"
@@ -64,9 +65,14 @@ spec:
   - port: {number: 443, name: https-c, protocol: HTTPS}
     hosts: [c.example.com]
     tls: {mode: SIMPLE, credentialName: missing-cert}
+  - port: {number: 443, name: https-m, protocol: HTTPS}
+    hosts: [m.example.com]
+    tls: {mode: MUTUAL, credentialName: m-cert, minProtocolVersion: TLSV1_3}
   - port: {number: 8443, name: tls-passthrough, protocol: TLS}
     hosts: [ferry-injector.istio-system.svc]
     tls: {mode: PASSTHROUGH}
+  - port: {number: 31400, name: tcp, protocol: TCP}
+    hosts: ["*"]
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -78,6 +84,9 @@ spec:
   - route:
     - {destination: {host: app, subset: v1}, weight: 90}
     - {destination: {host: app, subset: v2}, weight: 10}
+  tcp:
+  - match: [{port: 31400}]
+    route: [{destination: {host: app, subset: v2, port: {number: 80}}}]
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -181,12 +190,18 @@ fn ingress_gateway_routes_traffic_from_outside() {
         let ca_pem = pki.ca_pem();
         let a1 = pki.issue(&["a.example.com"], 2036);
         let b_pair = pki.issue(&["b.example.com"], 2036);
+        let m_pair = pki.issue(&["m.example.com"], 2036);
+        let mut m_secret: serde_json::Value =
+            serde_yaml::from_str(&secret("m-cert", &m_pair)).expect("yaml");
+        m_secret["stringData"]["ca.crt"] = serde_json::json!(ca_pem);
+        let m_secret = serde_yaml::to_string(&m_secret).expect("yaml");
         cli::apply(
             lab,
             &format!(
-                "{}---\n{}",
+                "{}---\n{}---\n{}",
                 secret("a-cert", &a1),
-                secret("b-cert", &b_pair)
+                secret("b-cert", &b_pair),
+                m_secret
             ),
             "certs.yaml",
             "default",
@@ -303,6 +318,93 @@ fn ingress_gateway_routes_traffic_from_outside() {
         assert!(
             get("b.example.com", &ca_pem).await.is_ok(),
             "b unaffected by a's rotation"
+        );
+
+        // MUTUAL (TLS 1.3 minimum) on the same port: no client certificate, no answer; with one
+        // signed by the Secret's ca.crt, served. The SIMPLE servers beside it are unaffected.
+        let client = pki.issue(&["client.example.com"], 2036);
+        let anonymous = async {
+            let mut c = ferry_tests::tls::Client::connect(addr, "m.example.com", &ca_pem).await?;
+            c.request("GET", "/productpage", None, vec![]).await
+        };
+        assert!(
+            anonymous.await.is_err(),
+            "MUTUAL must refuse a client without a certificate"
+        );
+        let mut c = ferry_tests::tls::Client::connect_with(
+            addr,
+            "m.example.com",
+            &ca_pem,
+            Some((&client.cert_pem, &client.key_pem)),
+        )
+        .await
+        .expect("mutual TLS");
+        let (code, _) = c
+            .request("GET", "/productpage", None, vec![])
+            .await
+            .expect("mutual request");
+        assert_eq!(code, 200);
+        assert!(get("b.example.com", &ca_pem).await.is_ok());
+
+        // The LoadBalancer's loopback "external IP" serves the Service's own ports:
+        // `curl --resolve a.example.com:443:<ip> https://a.example.com/`.
+        let svc = cli::get_one(lab, "svc", "istio-ingressgateway", "istio-system")
+            .await
+            .expect("svc");
+        let lb: std::net::IpAddr = svc["status"]["loadBalancer"]["ingress"][0]["ip"]
+            .as_str()
+            .expect("lb ip")
+            .parse()
+            .expect("ip");
+        assert!(lb.is_loopback());
+        let mut c = ferry_tests::tls::Client::connect(
+            std::net::SocketAddr::new(lb, 443),
+            "a.example.com",
+            &ca_pem,
+        )
+        .await
+        .expect("https via the load balancer address");
+        let (code, _) = c
+            .request("GET", "/productpage", None, vec![])
+            .await
+            .expect("lb request");
+        assert_eq!(code, 200);
+        let plain = echo::load_opts(
+            &format!("http://{lb}:80/productpage"),
+            &LoadOptions {
+                headers: vec![("host".into(), "shop.example.com".into())],
+                ..LoadOptions::default()
+            },
+        )
+        .await
+        .expect("http via lb");
+        assert_eq!(plain.ok, 1, "{plain:?}");
+        let metrics_now = ferry_tests::lab::testing::exec_stdout(
+            lab,
+            &gw,
+            "istio-system",
+            None,
+            &[
+                "ferry-lab",
+                "http",
+                "http://127.0.0.1:15090/stats/prometheus",
+            ],
+        )
+        .await;
+        assert!(
+            metrics_now.contains("ferry_proxy_gateway_server_errors 1"),
+            "the missing Secret counted: {metrics_now}"
+        );
+
+        // A TCP server: opaque bytes routed by the gateway-bound VirtualService's tcp[] rule.
+        let line = echo::tcp_line(&format!("{lb}:31400"), "ping")
+            .await
+            .expect("tcp via gateway");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("json");
+        assert_eq!(
+            (v["received"].as_str(), v["version"].as_str()),
+            (Some("ping"), Some("v2")),
+            "{line}"
         );
 
         // PASSTHROUGH: TLS to the webhook inside the cluster, routed by SNI and not

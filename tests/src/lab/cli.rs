@@ -541,7 +541,9 @@ pub fn render_table(
     let cols: Vec<&str> = match info.kind {
         "Pod" if wide => vec!["READY", "STATUS", "RESTARTS", "IP", "CONTAINERS"],
         "Pod" => vec!["READY", "STATUS", "RESTARTS", "IP"],
-        "Service" => vec!["TYPE", "CLUSTER-IP", "PORT(S)", "SELECTOR"],
+        "Service" => vec!["TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)", "SELECTOR"],
+        "Gateway" => vec!["SELECTOR", "SERVERS"],
+        "Secret" => vec!["TYPE", "DATA"],
         "Deployment" => vec!["READY", "UP-TO-DATE", "AVAILABLE"],
         "Namespace" => vec!["STATUS", "LABELS"],
         "VirtualService" => vec!["GATEWAYS", "HOSTS"],
@@ -615,6 +617,7 @@ pub fn render_table(
             "Service" => {
                 r.push(s(&spec["type"]));
                 r.push(s(&spec["clusterIP"]));
+                r.push(s(&it["status"]["loadBalancer"]["ingress"][0]["ip"]));
                 r.push(
                     spec["ports"]
                         .as_array()
@@ -673,6 +676,30 @@ pub fn render_table(
             "DestinationRule" => {
                 r.push(s(&spec["host"]));
                 r.push(joined(&spec["subsets"], |x| s(&x["name"])));
+            }
+            "Gateway" => {
+                r.push(
+                    spec["selector"]
+                        .as_object()
+                        .map(|m| {
+                            m.iter()
+                                .map(|(k, v)| format!("{k}={}", s(v)))
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        })
+                        .unwrap_or_else(|| "<none>".into()),
+                );
+                r.push(joined(&spec["servers"], |x| {
+                    format!(
+                        "{}/{}",
+                        s(&x["port"]["number"]),
+                        x["port"]["protocol"].as_str().unwrap_or("HTTP")
+                    )
+                }));
+            }
+            "Secret" => {
+                r.push(s(&it["type"]));
+                r.push(it["data"].as_object().map_or(0, |m| m.len()).to_string());
             }
             "EndpointSlice" => {
                 r.push(s(&it["addressType"]));

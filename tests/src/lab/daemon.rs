@@ -34,12 +34,12 @@ pub struct Ctx {
     /// Binds listeners on the host's loopback (a thread that stays in the host's namespace).
     host_binder: Mutex<std::sync::mpsc::Sender<HostBind>>,
     /// (service uid, node port) → its forwarder.
-    node_ports: Mutex<HashMap<(String, u16), tokio::task::JoinHandle<()>>>,
+    node_ports: Mutex<HashMap<(String, SocketAddr), tokio::task::JoinHandle<()>>>,
 }
 
-/// A request to bind 127.0.0.1:port in the host's network namespace.
+/// A request to bind a loopback address:port in the host's network namespace.
 type HostBind = (
-    u16,
+    SocketAddr,
     std::sync::mpsc::Sender<std::io::Result<std::net::TcpListener>>,
 );
 
@@ -48,8 +48,12 @@ type HostBind = (
 fn host_binder() -> std::sync::mpsc::Sender<HostBind> {
     let (tx, rx) = std::sync::mpsc::channel::<HostBind>();
     std::thread::spawn(move || {
-        for (port, reply) in rx {
-            let l = std::net::TcpListener::bind(("127.0.0.1", port)).and_then(|l| {
+        for (addr, reply) in rx {
+            if !addr.ip().is_loopback() {
+                let _ = reply.send(Err(std::io::Error::other("only loopback addresses")));
+                continue;
+            }
+            let l = std::net::TcpListener::bind(addr).and_then(|l| {
                 l.set_nonblocking(true)?;
                 Ok(l)
             });
@@ -366,7 +370,34 @@ async fn admit(ctx: &Arc<Ctx>, mut obj: Value, old: Option<Value>) -> Result<Val
             obj["metadata"]["labels"]["kubernetes.io/metadata.name"] = json!(name);
             obj["status"] = json!({"phase": "Active"});
         }
-        "Service" => allocate_cluster_ip(ctx, &mut obj, old.as_ref())?,
+        "Service" => {
+            allocate_cluster_ip(ctx, &mut obj, old.as_ref())?;
+            if let Some(old) = &old {
+                obj["status"] = old["status"].clone();
+            }
+            // A LoadBalancer's "external IP": a loopback address of this lab's own range.
+            if obj["spec"]["type"] == "LoadBalancer"
+                && obj["status"]["loadBalancer"]["ingress"].is_null()
+            {
+                let taken: BTreeSet<String> = ctx
+                    .api
+                    .list_kind("Service")
+                    .iter()
+                    .filter_map(|s| {
+                        s["status"]["loadBalancer"]["ingress"][0]["ip"]
+                            .as_str()
+                            .map(str::to_owned)
+                    })
+                    .collect();
+                let second = 20 + (model::fnv(&ctx.lab.name) % 200) as u8;
+                if let Some(ip) = (1u8..=254)
+                    .map(|n| Ipv4Addr::new(127, second, 0, n).to_string())
+                    .find(|ip| !taken.contains(ip))
+                {
+                    obj["status"]["loadBalancer"] = json!({"ingress": [{"ip": ip}]});
+                }
+            }
+        }
         "Secret" => {
             // As the API server does: stringData is merged into data, base64-encoded.
             if let Some(sd) = obj.get("stringData").and_then(Value::as_object).cloned() {
@@ -831,17 +862,19 @@ fn endpoint_slices(ctx: &Ctx) {
 }
 
 /// NodePort and LoadBalancer Services are reachable from the machine at 127.0.0.1:<nodePort>
-/// (what a walkthrough's `curl $INGRESS_HOST:$INGRESS_PORT` needs): a forwarder per port
-/// connects to the ClusterIP from the node, through kube-proxy's rules.
+/// (what a walkthrough's `curl $INGRESS_HOST:$INGRESS_PORT` needs), and a LoadBalancer also at
+/// its own loopback "external IP" on the Service's ports (`curl --resolve host:443:<ip>`): a
+/// forwarder per address connects to the ClusterIP from the node, through kube-proxy's rules.
 async fn node_ports(ctx: &Arc<Ctx>) {
-    let mut wanted: HashMap<(String, u16), (Ipv4Addr, u16, String)> = HashMap::new();
+    let mut wanted: HashMap<(String, SocketAddr), (Ipv4Addr, u16, String)> = HashMap::new();
     for svc in ctx.api.list_kind("Service") {
-        if !matches!(
-            svc["spec"]["type"].as_str(),
-            Some("NodePort" | "LoadBalancer")
-        ) {
-            continue;
-        }
+        let lb = match svc["spec"]["type"].as_str() {
+            Some("NodePort") => None,
+            Some("LoadBalancer") => svc["status"]["loadBalancer"]["ingress"][0]["ip"]
+                .as_str()
+                .and_then(|ip| ip.parse::<Ipv4Addr>().ok()),
+            _ => continue,
+        };
         let Some(vip) = svc["spec"]["clusterIP"]
             .as_str()
             .and_then(|v| v.parse().ok())
@@ -858,11 +891,18 @@ async fn node_ports(ctx: &Arc<Ctx>) {
             svc["metadata"]["name"].as_str().unwrap_or_default()
         );
         for p in svc["spec"]["ports"].as_array().into_iter().flatten() {
-            if let (Some(np), Some(port)) = (
-                p["nodePort"].as_u64().and_then(|n| u16::try_from(n).ok()),
-                p["port"].as_u64().and_then(|n| u16::try_from(n).ok()),
-            ) {
-                wanted.insert((uid.clone(), np), (vip, port, id.clone()));
+            let Some(port) = p["port"].as_u64().and_then(|n| u16::try_from(n).ok()) else {
+                continue;
+            };
+            if let Some(np) = p["nodePort"].as_u64().and_then(|n| u16::try_from(n).ok()) {
+                let listen = SocketAddr::from(([127, 0, 0, 1], np));
+                wanted.insert((uid.clone(), listen), (vip, port, id.clone()));
+            }
+            if let Some(ip) = lb {
+                wanted.insert(
+                    (uid.clone(), SocketAddr::from((ip, port))),
+                    (vip, port, id.clone()),
+                );
             }
         }
     }
@@ -883,12 +923,13 @@ async fn node_ports(ctx: &Arc<Ctx>) {
         if running.contains_key(&key) {
             continue;
         }
+        let listen = key.1;
         let (tx, rx) = std::sync::mpsc::channel();
         let sent = ctx
             .host_binder
             .lock()
             .expect("binder")
-            .send((key.1, tx))
+            .send((listen, tx))
             .is_ok();
         let bound = match sent {
             true => tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(2)))
@@ -900,8 +941,7 @@ async fn node_ports(ctx: &Arc<Ctx>) {
         match bound.map(|r| r.and_then(tokio::net::TcpListener::from_std)) {
             Some(Ok(l)) => {
                 say(&format!(
-                    "service {id}: port {port} reachable from this machine at 127.0.0.1:{}",
-                    key.1
+                    "service {id}: port {port} reachable from this machine at {listen}"
                 ));
                 running.insert(
                     key.clone(),
@@ -910,13 +950,10 @@ async fn node_ports(ctx: &Arc<Ctx>) {
             }
             Some(Err(e)) => {
                 let msg = format!(
-                    "service {id}: nodePort {} not exposed: 127.0.0.1:{} on this machine: {e}",
-                    key.1, key.1
+                    "service {id}: port {port} not exposed at {listen} on this machine: {e}"
                 );
                 let mut f = ctx.failures.lock().expect("failures");
-                if f.insert(format!("nodeport {}", key.1), msg.clone())
-                    .is_none()
-                {
+                if f.insert(format!("expose {listen}"), msg.clone()).is_none() {
                     say(&msg);
                 }
             }
