@@ -149,7 +149,7 @@ pub struct GatewayView {
     pub servers: BTreeMap<u16, Vec<(String, crate::gateway::Server)>>,
     pub routes: crate::routing::RouteTable,
     /// Ports whose servers terminate TLS, with their configuration (certificates by SNI).
-    pub tls: BTreeMap<u16, Vec<(Vec<String>, std::sync::Arc<rustls::ServerConfig>)>>,
+    pub tls: BTreeMap<u16, crate::gateway_tls::PortConfigs>,
     /// Servers left out (bad or missing certificate material), one line each.
     pub server_errors: Vec<String>,
 }

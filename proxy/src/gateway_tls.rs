@@ -17,6 +17,9 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::gateway::Server;
 
+/// The terminating servers of one port: each one's hosts and TLS configuration.
+pub type PortConfigs = Vec<(Vec<String>, Arc<rustls::ServerConfig>)>;
+
 /// Secrets by (namespace, name): their decoded data.
 pub type Secrets = HashMap<(String, String), BTreeMap<String, Vec<u8>>>;
 
@@ -100,7 +103,7 @@ pub fn server_configs(
     servers: &[(String, Server)],
     namespace: &str,
     secrets: &Secrets,
-) -> (Vec<(Vec<String>, Arc<rustls::ServerConfig>)>, Vec<String>) {
+) -> (PortConfigs, Vec<String>) {
     let mut errors = Vec::new();
     let mut out = Vec::new();
     for (gw, s) in servers {
@@ -166,7 +169,7 @@ fn build(
 
 /// The configuration of the server whose hosts match the SNI (no SNI: the first server).
 pub fn pick<'a>(
-    configs: &'a [(Vec<String>, Arc<rustls::ServerConfig>)],
+    configs: &'a PortConfigs,
     sni: Option<&str>,
 ) -> Option<&'a Arc<rustls::ServerConfig>> {
     match sni {
