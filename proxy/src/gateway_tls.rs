@@ -180,3 +180,92 @@ pub fn pick<'a>(
         None => configs.first().map(|(_, c)| c),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::{ServerProtocol, ServerTls};
+
+    fn pair(names: &[&str]) -> (String, String) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let params = rcgen::CertificateParams::new(
+            names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>(),
+        )
+        .expect("params");
+        let cert = params.self_signed(&key).expect("cert");
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn server(host: &str, mode: &str, tls: ServerTls) -> (String, Server) {
+        (
+            "ns/gw".into(),
+            Server {
+                port: 443,
+                protocol: ServerProtocol::Https,
+                name: None,
+                hosts: vec![(None, host.into())],
+                https_redirect: false,
+                tls_mode: Some(mode.into()),
+                tls,
+            },
+        )
+    }
+
+    fn secret(cert: &str, key: &str) -> BTreeMap<String, Vec<u8>> {
+        [
+            ("tls.crt".to_owned(), cert.as_bytes().to_vec()),
+            ("tls.key".to_owned(), key.as_bytes().to_vec()),
+        ]
+        .into()
+    }
+
+    #[test]
+    fn servers_get_their_certificates_and_bad_ones_are_named() {
+        let (a_cert, a_key) = pair(&["a.example.com"]);
+        let (_, other_key) = pair(&["x"]);
+        let dir = std::env::temp_dir().join(format!("ferry-gwtls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let (f_cert, f_key) = pair(&["f.example.com"]);
+        std::fs::write(dir.join("f.crt"), &f_cert).expect("write");
+        std::fs::write(dir.join("f.key"), &f_key).expect("write");
+        let mut secrets = Secrets::new();
+        secrets.insert(("gw".into(), "a".into()), secret(&a_cert, &a_key));
+        secrets.insert(
+            ("gw".into(), "mismatch".into()),
+            secret(&a_cert, &other_key),
+        );
+        let cred = |n: &str| ServerTls {
+            credential_name: Some(n.into()),
+            ..ServerTls::default()
+        };
+        let servers = vec![
+            server("a.example.com", "SIMPLE", cred("a")),
+            server("b.example.com", "SIMPLE", cred("missing")),
+            server("c.example.com", "SIMPLE", cred("mismatch")),
+            server("m.example.com", "MUTUAL", cred("a")),
+            server(
+                "f.example.com",
+                "SIMPLE",
+                ServerTls {
+                    server_certificate: Some(dir.join("f.crt").display().to_string()),
+                    private_key: Some(dir.join("f.key").display().to_string()),
+                    ..ServerTls::default()
+                },
+            ),
+        ];
+        let (configs, errors) = server_configs(&servers, "gw", &secrets);
+        let hosts: Vec<&str> = configs.iter().map(|(h, _)| h[0].as_str()).collect();
+        assert_eq!(hosts, ["a.example.com", "f.example.com"]);
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert!(
+            errors[0].contains("credentialName \"missing\": no Secret"),
+            "{errors:?}"
+        );
+        assert!(errors[1].contains("does not match"), "{errors:?}");
+        assert!(errors[2].contains("MUTUAL needs ca.crt"), "{errors:?}");
+        assert!(pick(&configs, Some("f.example.com")).is_some());
+        assert!(pick(&configs, Some("zzz.example.com")).is_none());
+        assert!(pick(&configs, None).is_some(), "no SNI: the first server");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
