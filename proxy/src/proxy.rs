@@ -445,14 +445,10 @@ impl Proxy {
         let Some(d) = crate::routing::pick_weighted(&route.destinations, roll() % 100) else {
             return;
         };
-        let Some(service) = snap.service_by_host(&d.host, &self.cfg.pod_namespace) else {
-            warn!(host = %d.host, "PASSTHROUGH destination is not a known service");
+        let Some((service, port)) = self.destination(&snap, d) else {
+            warn!(host = %d.host, "tls/tcp route destination is not a known service");
             return;
         };
-        let port = d
-            .port
-            .or_else(|| service.ports.first().map(|p| p.port))
-            .unwrap_or(443);
         let subset = d.subset.clone();
         let target = Target::Service { service, port };
         self.relay_tcp(c, stream, snap.clone(), target, subset.as_deref())
@@ -1463,6 +1459,17 @@ impl Proxy {
         }
     }
 
+    /// A route destination's service, and its port (the destination's, else the service's first).
+    fn destination(
+        &self,
+        snap: &Snapshot,
+        d: &crate::routing::Destination,
+    ) -> Option<(Arc<crate::discovery::Service>, u16)> {
+        let svc = snap.service_by_host(&d.host, &self.cfg.pod_namespace)?;
+        let port = d.port.or_else(|| svc.ports.first().map(|p| p.port))?;
+        Some((svc, port))
+    }
+
     /// Send a copy of the request to each mirror destination its percentage selects, with the
     /// authority suffixed `-shadow` (as Envoy does); fire-and-forget.
     fn spawn_mirrors(
@@ -1477,14 +1484,10 @@ impl Proxy {
             if !resilience::hits(*pct, roll()) {
                 continue;
             }
-            let Some(svc) = snap.service_by_host(&d.host, &self.cfg.pod_namespace) else {
+            let Some((svc, port)) = self.destination(snap, d) else {
                 debug!(host = %d.host, "mirror destination is not a known service");
                 continue;
             };
-            let port = d
-                .port
-                .or_else(|| svc.ports.first().map(|p| p.port))
-                .unwrap_or(80);
             let conn = Conn {
                 dir: Direction::Outbound,
                 peer: SocketAddr::from(([127, 0, 0, 1], 0)),

@@ -149,6 +149,21 @@ fn base64_decode(s: &str) -> Vec<u8> {
         .expect("base64")
 }
 
+async fn gateway_metrics(lab: &ferry_tests::lab::Lab, gw: &str) -> String {
+    ferry_tests::lab::testing::exec_stdout(
+        lab,
+        gw,
+        "istio-system",
+        None,
+        &[
+            "ferry-lab",
+            "http",
+            "http://127.0.0.1:15090/stats/prometheus",
+        ],
+    )
+    .await
+}
+
 async fn from_outside(port: u16, n: u64, host: &str) -> Tally {
     echo::load_opts(
         &format!("http://127.0.0.1:{port}/productpage"),
@@ -379,18 +394,7 @@ fn ingress_gateway_routes_traffic_from_outside() {
         .await
         .expect("http via lb");
         assert_eq!(plain.ok, 1, "{plain:?}");
-        let metrics_now = ferry_tests::lab::testing::exec_stdout(
-            lab,
-            &gw,
-            "istio-system",
-            None,
-            &[
-                "ferry-lab",
-                "http",
-                "http://127.0.0.1:15090/stats/prometheus",
-            ],
-        )
-        .await;
+        let metrics_now = gateway_metrics(lab, &gw).await;
         assert!(
             metrics_now.contains("ferry_proxy_gateway_server_errors 1"),
             "the missing Secret counted: {metrics_now}"
@@ -432,18 +436,7 @@ fn ingress_gateway_routes_traffic_from_outside() {
         assert_eq!(code, 200);
 
         // The gateway's own metrics say where it sent traffic.
-        let metrics = ferry_tests::lab::testing::exec_stdout(
-            lab,
-            &gw,
-            "istio-system",
-            None,
-            &[
-                "ferry-lab",
-                "http",
-                "http://127.0.0.1:15090/stats/prometheus",
-            ],
-        )
-        .await;
+        let metrics = gateway_metrics(lab, &gw).await;
         assert!(
             metrics
                 .lines()

@@ -507,6 +507,18 @@ fn table(rows: Vec<Vec<String>>) -> String {
         .join("\n")
 }
 
+/// A label map as `k=v,k=v` (`<none>` when absent).
+fn pairs(v: &Value) -> String {
+    v.as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", s(v)))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_else(|| "<none>".into())
+}
+
 /// The items of a list, each rendered by `f`, comma-separated.
 fn joined(list: &Value, f: impl Fn(&Value) -> String) -> String {
     list.as_array()
@@ -633,17 +645,7 @@ pub fn render_table(
                         .collect::<Vec<_>>()
                         .join(","),
                 );
-                r.push(
-                    spec["selector"]
-                        .as_object()
-                        .map(|m| {
-                            m.iter()
-                                .map(|(k, v)| format!("{k}={}", s(v)))
-                                .collect::<Vec<_>>()
-                                .join(",")
-                        })
-                        .unwrap_or_else(|| "<none>".into()),
-                );
+                r.push(pairs(&spec["selector"]));
             }
             "Deployment" => {
                 let st = &it["status"];
@@ -657,17 +659,7 @@ pub fn render_table(
             }
             "Namespace" => {
                 r.push(s(&it["status"]["phase"]));
-                r.push(
-                    it["metadata"]["labels"]
-                        .as_object()
-                        .map(|m| {
-                            m.iter()
-                                .map(|(k, v)| format!("{k}={}", s(v)))
-                                .collect::<Vec<_>>()
-                                .join(",")
-                        })
-                        .unwrap_or_default(),
-                );
+                r.push(pairs(&it["metadata"]["labels"]));
             }
             "VirtualService" => {
                 r.push(s(&spec["gateways"]));
@@ -678,17 +670,7 @@ pub fn render_table(
                 r.push(joined(&spec["subsets"], |x| s(&x["name"])));
             }
             "Gateway" => {
-                r.push(
-                    spec["selector"]
-                        .as_object()
-                        .map(|m| {
-                            m.iter()
-                                .map(|(k, v)| format!("{k}={}", s(v)))
-                                .collect::<Vec<_>>()
-                                .join(",")
-                        })
-                        .unwrap_or_else(|| "<none>".into()),
-                );
+                r.push(pairs(&spec["selector"]));
                 r.push(joined(&spec["servers"], |x| {
                     format!(
                         "{}/{}",
