@@ -299,11 +299,19 @@ fn main() -> ExitCode {
     } else {
         builder.init();
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cfg.workers)
-        .enable_all()
-        .build()
-    {
+    // One worker: a current-thread runtime (no cross-thread wake-ups between the I/O driver and
+    // a worker; the sidecar's usual shape, like Envoy's --concurrency 1 or a single event loop).
+    let built = if cfg.workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(cfg.workers)
+            .enable_all()
+            .build()
+    };
+    let rt = match built {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("ferry-proxy: starting the runtime: {e}");

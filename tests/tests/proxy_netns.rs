@@ -97,6 +97,13 @@ fn start_proxy(ns: &str, pod: &str, ip: &str, dir: &PathBuf) -> Child {
             "--config-dir",
         ])
         .arg(dir)
+        // The client's sidecar runs one worker (a current-thread runtime), the server's the
+        // default two: both runtimes are exercised for real.
+        .args(if pod.starts_with("client") {
+            &["--concurrency", "1"][..]
+        } else {
+            &[][..]
+        })
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
