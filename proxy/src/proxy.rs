@@ -426,11 +426,16 @@ impl Proxy {
             source_labels: &no_labels,
             source_namespace: &self.cfg.pod_namespace,
         };
-        // Candidate hosts: the SNI (as given and fully qualified), then the server's hosts.
+        // Candidate hosts: the SNI (as given, and qualified the way VirtualService hosts are
+        // stored), then the server's hosts.
         let mut hosts: Vec<String> = Vec::new();
         if let Some(s) = &sni {
             hosts.push(s.clone());
-            hosts.push(format!("{s}.{}", self.cfg.cluster_domain));
+            hosts.push(crate::routing::fqdn(
+                s,
+                &self.cfg.pod_namespace,
+                &self.cfg.cluster_domain,
+            ));
         }
         for (_, server) in view.servers.get(&c.orig.port()).into_iter().flatten() {
             hosts.extend(server.hosts.iter().map(|(_, h)| h.clone()));
@@ -453,6 +458,34 @@ impl Proxy {
         let target = Target::Service { service, port };
         self.relay_tcp(c, stream, snap.clone(), target, subset.as_deref())
             .await;
+    }
+
+    /// The request line for the access log (nothing to build when it is off: this runs per
+    /// request).
+    fn line(&self, req: &Request<Incoming>) -> String {
+        if self.cfg.access_log {
+            req_line(req)
+        } else {
+            String::new()
+        }
+    }
+
+    /// An answer the proxy makes itself (no upstream), with its response flag, counted and
+    /// logged like any other. (The arguments are what a metric's labels and the access log need.)
+    #[allow(clippy::too_many_arguments)]
+    fn local_reply(
+        &self,
+        c: &Conn,
+        snap: &Snapshot,
+        target: &Target,
+        started: Instant,
+        req: &Request<Incoming>,
+        flag: &str,
+        resp: Response<Body>,
+    ) -> Response<Body> {
+        let mut labels = self.labels(c, snap, target, "http");
+        labels.response_flags = flag.into();
+        self.finish(labels, started, resp, c, &self.line(req), None)
     }
 
     /// Fill in the destination workload from the endpoint actually picked.
@@ -782,20 +815,12 @@ impl Proxy {
                     r.headers_mut().insert(hyper::header::LOCATION, v);
                 }
                 let labels = self.labels(&c, &snap, &target, "http");
-                return self.finish(labels, started, r, &c, &req_line(&req), None);
+                return self.finish(labels, started, r, &c, &self.line(&req), None);
             }
             if !admitted {
-                let mut labels = self.labels(&c, &snap, &target, "http");
-                labels.response_flags = "NR".into();
                 let why = format!("no route: host {host:?} is not served on this gateway port");
-                return self.finish(
-                    labels,
-                    started,
-                    full(StatusCode::NOT_FOUND, &why),
-                    &c,
-                    &req_line(&req),
-                    None,
-                );
+                let resp = full(StatusCode::NOT_FOUND, &why);
+                return self.local_reply(&c, &snap, &target, started, &req, "NR", resp);
             }
         }
         if let Some((table, host, port)) = lookup {
@@ -821,9 +846,14 @@ impl Proxy {
                     source_namespace: &self.cfg.pod_namespace,
                 };
                 match table.find(host, &view) {
-                    // At a gateway, `name.ns.svc` hosts are stored fully qualified.
+                    // At a gateway, `name.ns.svc` hosts are stored fully qualified (the same
+                    // qualification the route table applied to the VirtualService's hosts).
                     None if c.dir == Direction::Gateway && host.ends_with(".svc") => {
-                        let fq = format!("{host}.{}", self.cfg.cluster_domain);
+                        let fq = crate::routing::fqdn(
+                            host,
+                            &self.cfg.pod_namespace,
+                            &self.cfg.cluster_domain,
+                        );
                         table.find(&fq, &view)
                     }
                     found => found,
@@ -833,17 +863,9 @@ impl Proxy {
             // sidecar host that a VirtualService owns.
             if found.is_none() && (c.dir == Direction::Gateway || table.has_http_routes(host)) {
                 // A VirtualService owns this host and no rule matched: Istio answers 404 (NR).
-                let mut labels = self.labels(&c, &snap, &target, "http");
-                labels.response_flags = "NR".into();
                 let why = format!("no route: no rule of the VirtualService for {host} matched");
-                return self.finish(
-                    labels,
-                    started,
-                    full(StatusCode::NOT_FOUND, &why),
-                    &c,
-                    &req_line(&req),
-                    None,
-                );
+                let resp = full(StatusCode::NOT_FOUND, &why);
+                return self.local_reply(&c, &snap, &target, started, &req, "NR", resp);
             }
             if let Some((route, _)) = found {
                 match &route.action {
@@ -870,7 +892,7 @@ impl Proxy {
                             r.headers_mut().insert(hyper::header::LOCATION, v);
                         }
                         let labels = self.labels(&c, &snap, &target, "http");
-                        return self.finish(labels, started, r, &c, &req_line(&req), None);
+                        return self.finish(labels, started, r, &c, &self.line(&req), None);
                     }
                     crate::routing::Action::Route(ds) => {
                         let d = crate::routing::pick_weighted(ds, roll() % 100).cloned();
@@ -892,21 +914,14 @@ impl Proxy {
                                 });
                             }
                             None => {
-                                let mut labels = self.labels(&c, &snap, &target, "http");
-                                labels.response_flags = "NR".into();
                                 let why = format!(
                                     "no healthy upstream: route {} points at {}, which is not a known service",
                                     route.origin,
                                     d.map(|d| d.host).unwrap_or_default()
                                 );
-                                return self.finish(
-                                    labels,
-                                    started,
-                                    full(StatusCode::SERVICE_UNAVAILABLE, &why),
-                                    &c,
-                                    &req_line(&req),
-                                    None,
-                                );
+                                let resp = full(StatusCode::SERVICE_UNAVAILABLE, &why);
+                                return self
+                                    .local_reply(&c, &snap, &target, started, &req, "NR", resp);
                             }
                         }
                     }
@@ -939,7 +954,7 @@ impl Proxy {
             let mut r = full(StatusCode::OK, "");
             cors_headers(r.headers_mut(), cors, origin, true);
             let labels = self.labels(&c, &snap, &target, "http");
-            return self.finish(labels, started, r, &c, &req_line(&req), None);
+            return self.finish(labels, started, r, &c, &self.line(&req), None);
         }
         // Fault injection applies on the route, before any upstream is chosen.
         let mut fault_flag: Option<&'static str> = None;
@@ -955,8 +970,6 @@ impl Proxy {
                 && resilience::hits(*pct, roll())
             {
                 self.metrics.event(&service_name, "fault_abort");
-                let mut labels = self.labels(&c, &snap, &target, "http");
-                labels.response_flags = "FI".into();
                 let resp = match abort {
                     resilience::Abort::Http(code) => full(
                         StatusCode::from_u16(*code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
@@ -978,7 +991,7 @@ impl Proxy {
                         r
                     }
                 };
-                return self.finish(labels, started, resp, &c, &req_line(&req), None);
+                return self.local_reply(&c, &snap, &target, started, &req, "FI", resp);
             }
         }
         let h2_down = req.version() == hyper::Version::HTTP_2;
@@ -1000,7 +1013,7 @@ impl Proxy {
             _ => "http",
         };
         let mut labels = self.labels(&c, &snap, &target, protocol);
-        let line = req_line(&req);
+        let line = self.line(&req);
         let req_len = req
             .headers()
             .get(hyper::header::CONTENT_LENGTH)
@@ -1136,24 +1149,24 @@ impl Proxy {
         // h2UpgradePolicy: UPGRADE sends HTTP/1.1 requests upstream over HTTP/2.
         let use_h2 = h2_down || declared_h2 || pool.as_ref().is_some_and(|p| p.h2_upgrade);
         let settings = pool.as_ref().and_then(|p| p.connection_settings());
-        let cluster = match &target {
-            Target::Service { service, port } => format!(
-                "{}|{port}|{}",
-                service.hostname,
-                subset.as_deref().unwrap_or("")
+        let (cluster, cluster_port) = match &target {
+            Target::Service { service, port } => (
+                resilience::cluster_key(&service.hostname, *port, subset.as_deref()),
+                *port,
             ),
-            _ => String::new(),
+            _ => (0, 0),
         };
+        let unlimited = resilience::PoolLimits::default();
         let admitted = match self
             .breakers
-            .admit(&cluster, &pool.clone().unwrap_or_default())
+            .admit(cluster, pool.as_ref().unwrap_or(&unlimited))
             .await
         {
             Ok(a) => a,
             Err(resilience::Overflow(limit)) => {
                 self.metrics.event(&service_name, "overflow");
                 flagged(&mut labels, "UO");
-                debug!(%cluster, limit, "circuit breaker overflow");
+                debug!(service = %service_name, port = cluster_port, subset = ?subset, limit, "circuit breaker overflow");
                 let resp = full(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "upstream connect error or disconnect/reset before headers. reset reason: overflow",

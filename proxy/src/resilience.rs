@@ -511,7 +511,7 @@ pub struct Overflow(pub &'static str);
 /// Per-cluster counters and the connection semaphore (circuit breaking).
 #[derive(Default)]
 pub struct Breakers {
-    clusters: Mutex<HashMap<String, Arc<Cluster>>>,
+    clusters: Mutex<HashMap<u64, Arc<Cluster>>>,
 }
 
 struct Cluster {
@@ -565,12 +565,10 @@ impl Breakers {
     /// Admit a request to `cluster` under `limits`: over `http2MaxRequests` in flight, or with
     /// every connection busy and `http1MaxPendingRequests` already waiting, it is rejected at
     /// once (never queued without bound).
-    pub async fn admit(&self, cluster: &str, limits: &PoolLimits) -> Result<Admitted, Overflow> {
+    pub async fn admit(&self, cluster: u64, limits: &PoolLimits) -> Result<Admitted, Overflow> {
         let c = {
             let mut map = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
-            let entry = map
-                .entry(cluster.to_owned())
-                .or_insert_with(|| new_cluster(limits));
+            let entry = map.entry(cluster).or_insert_with(|| new_cluster(limits));
             if entry.limits != *limits {
                 *entry = new_cluster(limits);
             }
@@ -602,6 +600,15 @@ impl Breakers {
         c.pending.fetch_sub(1, Ordering::AcqRel);
         Ok(admitted(permit))
     }
+}
+
+/// A destination cluster's key (service host, port, subset), hashed so that admitting a request
+/// allocates nothing.
+pub fn cluster_key(host: &str, port: u16, subset: Option<&str>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (host, port, subset).hash(&mut h);
+    h.finish()
 }
 
 fn new_cluster(limits: &PoolLimits) -> Arc<Cluster> {

@@ -192,12 +192,12 @@ async fn breaker_admits_one_queues_one_rejects_the_rest_fast() {
         max_pending: Some(1),
         ..PoolLimits::default()
     };
-    let first = b.admit("c", &limits).await.expect("first");
+    let first = b.admit(1, &limits).await.expect("first");
     let b2 = b.clone();
     let l2 = limits.clone();
-    let queued = tokio::spawn(async move { b2.admit("c", &l2).await.map(|_| ()) });
+    let queued = tokio::spawn(async move { b2.admit(1, &l2).await.map(|_| ()) });
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let third = tokio::time::timeout(Duration::from_millis(100), b.admit("c", &limits)).await;
+    let third = tokio::time::timeout(Duration::from_millis(100), b.admit(1, &limits)).await;
     assert!(
         matches!(third, Ok(Err(Overflow("http1MaxPendingRequests")))),
         "rejected at once"
@@ -212,20 +212,20 @@ async fn breaker_admits_one_queues_one_rejects_the_rest_fast() {
         max_requests: Some(1),
         ..PoolLimits::default()
     };
-    let a = b.admit("h2", &h2).await.expect("a");
+    let a = b.admit(2, &h2).await.expect("a");
     assert_eq!(
-        b.admit("h2", &h2).await.err(),
+        b.admit(2, &h2).await.err(),
         Some(Overflow("http2MaxRequests"))
     );
     drop(a);
-    assert!(b.admit("h2", &h2).await.is_ok());
+    assert!(b.admit(2, &h2).await.is_ok());
 }
 
 #[tokio::test]
 async fn retry_budget_bounds_retries_in_flight() {
     let b = Breakers::default();
     let unlimited = PoolLimits::default();
-    let a = b.admit("c", &unlimited).await.expect("admit");
+    let a = b.admit(1, &unlimited).await.expect("admit");
     let slots: Vec<RetrySlot> = (0..10).filter_map(|_| a.retry_slot()).collect();
     assert_eq!(slots.len(), 3, "at least 3, else 20% of in-flight");
     drop(slots);
@@ -233,7 +233,7 @@ async fn retry_budget_bounds_retries_in_flight() {
         max_retries: Some(1),
         ..PoolLimits::default()
     };
-    let c = b.admit("d", &capped).await.expect("admit");
+    let c = b.admit(3, &capped).await.expect("admit");
     let s1 = c.retry_slot();
     assert!(s1.is_some() && c.retry_slot().is_none(), "maxRetries");
 }

@@ -219,7 +219,7 @@ async fn lifecycle(p: &Arc<PodCtx>, stop: &mut watch::Receiver<bool>) {
                     break;
                 }
                 tokio::select! {
-                    _ = stop.changed() => { shutdown(p, app_tx, app_tasks, side_tx, tasks).await; return; }
+                    _ = stop.changed() => { shutdown(app_tx, app_tasks, side_tx, tasks).await; return; }
                     _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                 }
             }
@@ -227,7 +227,7 @@ async fn lifecycle(p: &Arc<PodCtx>, stop: &mut watch::Receiver<bool>) {
         }
         let code = tokio::select! {
             c = run_to_completion(p, &ctr) => c,
-            _ = stop.changed() => { shutdown(p, app_tx, app_tasks, side_tx, tasks).await; return; }
+            _ = stop.changed() => { shutdown(app_tx, app_tasks, side_tx, tasks).await; return; }
         };
         let ok = code == Ok(0);
         let terminated = match code {
@@ -246,7 +246,7 @@ async fn lifecycle(p: &Arc<PodCtx>, stop: &mut watch::Receiver<bool>) {
         // status (and its log) until it is deleted.
         write_status(p, &inits, &sidecars, &[], "Pending");
         let _ = stop.changed().await;
-        shutdown(p, app_tx, app_tasks, side_tx, tasks).await;
+        shutdown(app_tx, app_tasks, side_tx, tasks).await;
         return;
     }
     let mut apps: Vec<Arc<Ctr>> = Vec::new();
@@ -291,7 +291,7 @@ async fn lifecycle(p: &Arc<PodCtx>, stop: &mut watch::Receiver<bool>) {
             }
             write_status_with(p, &inits, &sidecars, &apps, &config_errors, phase);
             let _ = stop.changed().await;
-            shutdown(p, app_tx, app_tasks, side_tx, tasks).await;
+            shutdown(app_tx, app_tasks, side_tx, tasks).await;
             return;
         }
         tokio::select! {
@@ -299,12 +299,11 @@ async fn lifecycle(p: &Arc<PodCtx>, stop: &mut watch::Receiver<bool>) {
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
     }
-    shutdown(p, app_tx, app_tasks, side_tx, tasks).await;
+    shutdown(app_tx, app_tasks, side_tx, tasks).await;
 }
 
 /// App containers first, then sidecars (as Kubernetes orders native sidecars' termination).
 async fn shutdown(
-    _p: &PodCtx,
     app_tx: watch::Sender<bool>,
     app_tasks: Vec<tokio::task::JoinHandle<()>>,
     side_tx: watch::Sender<bool>,
