@@ -64,7 +64,6 @@ struct Ctr {
 
 #[derive(Default)]
 struct CState {
-    pid: Option<u32>,
     running: bool,
     /// Startup probe passed (or there is none) since the last start.
     started: bool,
@@ -429,7 +428,6 @@ async fn supervise(p: Arc<PodCtx>, ctr: Arc<Ctr>, policy: String, mut stop: watc
             Ok(mut child) => {
                 {
                     let mut s = ctr.state.lock().expect("state");
-                    s.pid = child.id();
                     s.running = true;
                     s.waiting = None;
                     s.exit = None;
