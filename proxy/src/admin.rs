@@ -148,6 +148,13 @@ impl Admin {
         json!({
             "version": snap.version,
             "pod": {"name": self.cfg.pod_name, "namespace": self.cfg.pod_namespace, "ips": self.cfg.instance_ips.iter().map(|i| i.to_string()).collect::<Vec<_>>()},
+            // What was asked for and what this thread actually runs with (a refused policy
+            // change shows here, not only in the start-up log).
+            "runtime": {
+                "workers": self.cfg.workers,
+                "scheduling": format!("{:?}", self.cfg.scheduling),
+                "schedulingInEffect": crate::sched::current().map_or_else(|e| format!("unknown: {e}"), |p| format!("{p:?}")),
+            },
             "listeners": [
                 {"name": "virtualOutbound", "address": format!("0.0.0.0:{}", p.outbound), "policy": format!("{:?}", self.cfg.outbound_policy)},
                 {"name": "virtualInbound", "address": format!("0.0.0.0:{}", p.inbound)},

@@ -9,6 +9,7 @@
 //! - [`admin`]: 15021 readiness, 15090 metrics, 15020 agent (app probes, /quitquitquit), 15000 admin.
 //! - [`metrics`]: Istio's standard metrics.
 //! - [`app`]: binding, discovery refresh, drain.
+//! - [`sched`]: the CPU scheduling policy (the one `unsafe` call, a libc syscall).
 
 pub mod admin;
 pub mod app;
@@ -24,4 +25,5 @@ pub mod metrics;
 pub mod proxy;
 pub mod resilience;
 pub mod routing;
+pub mod sched;
 pub mod transport;

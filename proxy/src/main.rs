@@ -299,6 +299,13 @@ fn main() -> ExitCode {
     } else {
         builder.init();
     }
+    // Before the runtime: its threads inherit the policy.
+    match ferry_proxy::sched::apply(cfg.scheduling) {
+        Ok(()) => tracing::info!(policy = ?cfg.scheduling, "CPU scheduling policy set"),
+        Err(e) => {
+            tracing::warn!(policy = ?cfg.scheduling, error = %e, "could not set the CPU scheduling policy; running with the inherited one")
+        }
+    }
     // One worker: a current-thread runtime (no cross-thread wake-ups between the I/O driver and
     // a worker; the sidecar's usual shape, like Envoy's --concurrency 1 or a single event loop).
     let built = if cfg.workers <= 1 {

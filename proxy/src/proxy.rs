@@ -673,21 +673,20 @@ impl Proxy {
             Ok(mut up) => {
                 // copy_bidirectional shuts down each write side when its read side ends, so a
                 // half-close travels through and the other direction keeps flowing.
-                let (sent_up, sent_down) =
-                    match tokio::io::copy_bidirectional_with_sizes(
-                        &mut down,
-                        &mut up,
-                        RELAY_BUFFER,
-                        RELAY_BUFFER,
-                    )
-                    .await
-                    {
-                        Ok(x) => x,
-                        Err(e) => {
-                            debug!(error = %e, "TCP relay ended with an error");
-                            (0, 0)
-                        }
-                    };
+                let (sent_up, sent_down) = match tokio::io::copy_bidirectional_with_sizes(
+                    &mut down,
+                    &mut up,
+                    RELAY_BUFFER,
+                    RELAY_BUFFER,
+                )
+                .await
+                {
+                    Ok(x) => x,
+                    Err(e) => {
+                        debug!(error = %e, "TCP relay ended with an error");
+                        (0, 0)
+                    }
+                };
                 self.metrics
                     .tcp_received
                     .get_or_create(&labels)

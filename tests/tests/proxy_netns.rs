@@ -284,7 +284,12 @@ async fn two_meshed_pods_talk_through_both_sidecars() {
         check(
             "config dump",
             dump,
-            &["server.default.svc.cluster.local", "virtualOutbound"],
+            &[
+                "server.default.svc.cluster.local",
+                "virtualOutbound",
+                // The default policy, and the kernel accepted it for an unprivileged uid.
+                "\"schedulingInEffect\": \"Batch\"",
+            ],
         );
         // The istioctl proxy-config workflow, from inside the pod.
         let bin = workspace_bin("ferry-proxy");
