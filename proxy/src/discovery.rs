@@ -494,9 +494,9 @@ pub enum Error {
     Parse { path: String, reason: String },
 }
 
-/// All objects in `*.yaml`, `*.yml` and `*.json` files of a directory (multi-document), with the
-/// newest modification time seen.
-pub fn read_dir(dir: &Path) -> Result<(Vec<Value>, Option<SystemTime>), Error> {
+/// The configuration files of a directory (`*.yaml`, `*.yml`, `*.json`), sorted, and the newest
+/// modification time among them and the directory (a deleted file changes the directory's).
+pub fn dir_files(dir: &Path) -> Result<(Vec<PathBuf>, Option<SystemTime>), Error> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|source| Error::Read {
             path: dir.display().to_string(),
@@ -510,16 +510,30 @@ pub fn read_dir(dir: &Path) -> Result<(Vec<Value>, Option<SystemTime>), Error> {
         })
         .collect();
     files.sort();
-    let mut objects = Vec::new();
     let mut newest = std::fs::metadata(dir).and_then(|m| m.modified()).ok();
+    for f in &files {
+        if let Ok(m) = std::fs::metadata(f).and_then(|m| m.modified()) {
+            newest = newest.max(Some(m));
+        }
+    }
+    Ok((files, newest))
+}
+
+/// All objects in the configuration files of a directory (multi-document), with the newest
+/// modification time seen.
+pub fn read_dir(dir: &Path) -> Result<(Vec<Value>, Option<SystemTime>), Error> {
+    let (files, newest) = dir_files(dir)?;
+    Ok((read_files(&files)?, newest))
+}
+
+/// The objects of these files (multi-document YAML or JSON; `kind: List` unwrapped).
+pub fn read_files(files: &[PathBuf]) -> Result<Vec<Value>, Error> {
+    let mut objects = Vec::new();
     for f in files {
-        let text = std::fs::read_to_string(&f).map_err(|source| Error::Read {
+        let text = std::fs::read_to_string(f).map_err(|source| Error::Read {
             path: f.display().to_string(),
             source,
         })?;
-        if let Ok(m) = std::fs::metadata(&f).and_then(|m| m.modified()) {
-            newest = newest.max(Some(m));
-        }
         for doc in serde_yaml::Deserializer::from_str(&text) {
             let v: Value = serde::Deserialize::deserialize(doc).map_err(|e| Error::Parse {
                 path: f.display().to_string(),
@@ -539,7 +553,7 @@ pub fn read_dir(dir: &Path) -> Result<(Vec<Value>, Option<SystemTime>), Error> {
             }
         }
     }
-    Ok((objects, newest))
+    Ok(objects)
 }
 
 #[cfg(test)]

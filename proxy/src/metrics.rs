@@ -191,6 +191,16 @@ impl Metrics {
             .inc();
     }
 
+    /// The four request metrics of one label set.
+    pub fn request_metrics(&self, labels: &Labels) -> RequestMetrics {
+        RequestMetrics {
+            requests: self.requests.get_or_create(labels).clone(),
+            duration_ms: self.duration_ms.get_or_create(labels).clone(),
+            request_bytes: self.request_bytes.get_or_create(labels).clone(),
+            response_bytes: self.response_bytes.get_or_create(labels).clone(),
+        }
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -201,5 +211,67 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Handles on one label set's request metrics (they share state with the families).
+#[derive(Clone)]
+pub struct RequestMetrics {
+    pub requests: Counter,
+    pub duration_ms: Histogram,
+    pub request_bytes: Histogram,
+    pub response_bytes: Histogram,
+}
+
+/// The label set a connection last reported, with its metrics. Requests on one connection
+/// almost always share their labels, so the families (a hash of sixteen strings and a lock,
+/// four times) are consulted only when the labels change.
+#[derive(Default)]
+pub struct LastLabels(std::sync::Mutex<Option<(Labels, RequestMetrics)>>);
+
+impl LastLabels {
+    /// Run `f` on the metrics of `labels`.
+    pub fn with(&self, metrics: &Metrics, labels: Labels, f: impl FnOnce(&RequestMetrics)) {
+        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match &*last {
+            Some((l, m)) if *l == labels => f(m),
+            _ => {
+                let m = metrics.request_metrics(&labels);
+                f(&m);
+                *last = Some((labels, m));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(code: &str) -> Labels {
+        Labels {
+            reporter: "source".into(),
+            response_code: code.into(),
+            ..Labels::default()
+        }
+    }
+
+    #[test]
+    fn the_cache_counts_into_the_families_and_follows_label_changes() {
+        let m = Metrics::new();
+        let last = LastLabels::default();
+        for code in ["200", "200", "503", "200"] {
+            last.with(&m, labels(code), |r| {
+                r.requests.inc();
+            });
+        }
+        assert_eq!(m.requests.get_or_create(&labels("200")).get(), 3);
+        assert_eq!(m.requests.get_or_create(&labels("503")).get(), 1);
+        let text = m.encode();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("istio_requests_total{") && l.contains("response_code=\"503\""))
+            .unwrap_or_else(|| panic!("no 503 series: {text}"));
+        assert!(line.ends_with(" 1"), "{line}");
     }
 }

@@ -217,6 +217,19 @@ struct Conn {
     dir: Direction,
     peer: SocketAddr,
     orig: SocketAddr,
+    /// Shared by the connection's requests.
+    last_labels: Arc<crate::metrics::LastLabels>,
+}
+
+impl Conn {
+    fn new(dir: Direction, peer: SocketAddr, orig: SocketAddr) -> Conn {
+        Conn {
+            dir,
+            peer,
+            orig,
+            last_labels: Arc::default(),
+        }
+    }
 }
 
 impl Proxy {
@@ -356,11 +369,7 @@ impl Proxy {
             .as_ref()
             .and_then(|g| g.tls.get(&port).cloned());
         let span = info_span!("gateway", client.addr = %peer, port);
-        let c = Conn {
-            dir: Direction::Gateway,
-            peer,
-            orig: local,
-        };
+        let c = Conn::new(Direction::Gateway, peer, local);
         let _ = stream.set_nodelay(true);
         async move {
             use crate::gateway::ServerProtocol as P;
@@ -563,7 +572,7 @@ impl Proxy {
                 Protocol::Unknown => detect::detect(&stream, self.cfg.detection_timeout).await,
             };
             debug!(?declared, ?detected, "protocol");
-            let c = Conn { dir, peer, orig };
+            let c = Conn::new(dir, peer, orig);
             // TLS passthrough by SNI: a ClientHello naming a known service goes to that service,
             // whatever address the client dialled.
             let tls = dir == Direction::Outbound && (declared == Protocol::Tls || detected == Detected::Tls);
@@ -1511,11 +1520,11 @@ impl Proxy {
                 debug!(host = %d.host, "mirror destination is not a known service");
                 continue;
             };
-            let conn = Conn {
-                dir: Direction::Outbound,
-                peer: SocketAddr::from(([127, 0, 0, 1], 0)),
-                orig: SocketAddr::from(([0, 0, 0, 0], port)),
-            };
+            let conn = Conn::new(
+                Direction::Outbound,
+                SocketAddr::from(([127, 0, 0, 1], 0)),
+                SocketAddr::from(([0, 0, 0, 0], port)),
+            );
             let Ok(endpoint) = self.pick_endpoint(
                 &conn,
                 snap,
@@ -1698,28 +1707,24 @@ impl Proxy {
     ) -> Response<Body> {
         labels.response_code = resp.status().as_u16().to_string();
         let ms = started.elapsed().as_secs_f64() * 1000.0;
-        self.metrics.requests.get_or_create(&labels).inc();
-        self.metrics.duration_ms.get_or_create(&labels).observe(ms);
-        self.metrics
-            .request_bytes
-            .get_or_create(&labels)
-            .observe(req_len.unwrap_or(0) as f64);
         let resp_len = resp
             .headers()
             .get(hyper::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0);
-        self.metrics
-            .response_bytes
-            .get_or_create(&labels)
-            .observe(resp_len as f64);
         if self.cfg.access_log {
             println!(
                 "{}",
                 serde_json::json!({"kind": "http", "direction": format!("{:?}", c.dir), "client": c.peer.to_string(), "orig_dst": c.orig.to_string(), "request": line, "code": resp.status().as_u16(), "flags": labels.response_flags, "service": labels.destination_service, "duration_ms": ms})
             );
         }
+        c.last_labels.with(&self.metrics, labels, |m| {
+            m.requests.inc();
+            m.duration_ms.observe(ms);
+            m.request_bytes.observe(req_len.unwrap_or(0) as f64);
+            m.response_bytes.observe(resp_len as f64);
+        });
         resp
     }
 }
