@@ -1200,7 +1200,8 @@ impl Proxy {
         // A request is replayed only from a buffered copy: small bodies are buffered when a
         // retry is possible; a large or streaming body gets one attempt.
         const MAX_BUFFERED: u64 = 64 * 1024;
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
         let small = hyper::body::Body::is_end_stream(&body)
             || hyper::body::Body::size_hint(&body)
                 .upper()
@@ -1461,6 +1462,7 @@ impl Proxy {
             let exhausted = attempt > 0 && outcome.failed();
             let resp = match resp {
                 Ok(mut r) => {
+                    strip_hop_by_hop(r.headers_mut());
                     if exhausted {
                         flagged(&mut labels, "URX");
                     }
@@ -1777,6 +1779,38 @@ fn roll() -> u32 {
     })
 }
 
+/// Hop-by-hop headers (RFC 9110 7.6.1) describe one connection and are not forwarded: the
+/// fixed set and whatever the Connection header names (never Host or Content-Length). A
+/// client's `Connection: close` must not close the pooled upstream connection, nor an
+/// upstream's the client's. `te: trailers` stays: gRPC requires it.
+fn strip_hop_by_hop(h: &mut hyper::HeaderMap) {
+    use hyper::header::{CONNECTION, CONTENT_LENGTH, HOST, TE, TRANSFER_ENCODING, UPGRADE};
+    if h.contains_key(CONNECTION) {
+        let named: Vec<hyper::header::HeaderName> = h
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| hyper::header::HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .filter(|n| *n != HOST && *n != CONTENT_LENGTH)
+            .collect();
+        for n in named {
+            h.remove(n);
+        }
+        h.remove(CONNECTION);
+    }
+    for n in ["keep-alive", "proxy-connection"] {
+        h.remove(n);
+    }
+    h.remove(TRANSFER_ENCODING);
+    h.remove(UPGRADE);
+    if h.get(TE)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
+        h.remove(TE);
+    }
+}
+
 /// `headers.request|response`: remove, then set, then add.
 fn edit_headers(h: &mut hyper::HeaderMap, ops: &crate::routing::HeaderOps) {
     for k in &ops.remove {
@@ -1850,5 +1884,38 @@ fn cors_headers(
             header::ACCESS_CONTROL_EXPOSE_HEADERS,
             &cors.expose_headers.join(","),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_not_forwarded() {
+        let mut h = hyper::HeaderMap::new();
+        for (k, v) in [
+            ("connection", "close, x-hop"),
+            ("connection", "host, content-length"),
+            ("x-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("te", "gzip"),
+            ("host", "reviews"),
+            ("content-length", "3"),
+            ("x-end-to-end", "kept"),
+        ] {
+            h.append(k, v.parse().unwrap());
+        }
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(left, ["content-length", "host", "x-end-to-end"]);
+        let mut grpc = hyper::HeaderMap::new();
+        grpc.insert("te", "trailers".parse().unwrap());
+        strip_hop_by_hop(&mut grpc);
+        assert_eq!(grpc.get("te").unwrap(), "trailers");
     }
 }

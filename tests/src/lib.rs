@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod bench;
 pub mod fake_apiserver;
 pub mod fixtures;
 pub mod jsondiff;

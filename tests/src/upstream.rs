@@ -33,6 +33,15 @@ async fn handle(
         .or_else(|| req.uri().authority().map(|a| a.to_string()))
         .unwrap_or_default();
     let version = format!("{:?}", req.version());
+    // Hop-by-hop headers as they arrived (a proxy must not forward them).
+    let hop: serde_json::Map<String, serde_json::Value> =
+        ["connection", "keep-alive", "x-hop", "te"]
+            .iter()
+            .filter_map(|k| {
+                let v = req.headers().get(*k)?.to_str().ok()?;
+                Some((k.to_string(), serde_json::Value::from(v)))
+            })
+            .collect();
     if path == "/ws" {
         // Minimal upgrade handshake, then echo bytes.
         let mut req = req;
@@ -68,7 +77,7 @@ async fn handle(
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
-    let info = serde_json::json!({"server": name, "path": path, "host": host, "version": version, "peer": peer.to_string(), "body_len": body.len()});
+    let info = serde_json::json!({"server": name, "path": path, "host": host, "version": version, "peer": peer.to_string(), "body_len": body.len(), "hop": hop});
     if path == "/trailers" {
         let frames: Vec<Result<Frame<Bytes>, Infallible>> = vec![
             Ok(Frame::data(Bytes::from(info.to_string()))),

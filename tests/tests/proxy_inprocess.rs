@@ -169,6 +169,43 @@ async fn http1_keepalive_host_routing_and_errors() {
         assert_eq!(body["host"], "reviews:9080", "Host preserved");
         assert_eq!(body["body_len"], 1000);
     }
+    // A client's `Connection: close` (and what Connection names) is about its own connection:
+    // not forwarded, and the pooled upstream connection is reused by the next client.
+    let mut upstream_peers = Vec::new();
+    for _ in 0..2 {
+        let s = TcpStream::connect(out).await.expect("connect");
+        let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        let req = hyper::Request::get("/close")
+            .header("host", "reviews:9080")
+            .header("connection", "close, x-hop")
+            .header("x-hop", "1")
+            .header("keep-alive", "timeout=5")
+            .body(Full::new(Bytes::new()))
+            .expect("req");
+        let resp = tx.send_request(req).await.expect("request");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            resp.headers().get("connection").map(|v| v.as_bytes()),
+            Some(&b"close"[..]),
+            "the client asked to close: the proxy closes its side"
+        );
+        let body: serde_json::Value =
+            serde_json::from_slice(&resp.into_body().collect().await.expect("body").to_bytes())
+                .expect("json");
+        assert_eq!(
+            body["hop"],
+            serde_json::json!({}),
+            "hop-by-hop headers forwarded: {body}"
+        );
+        upstream_peers.push(body["peer"].clone());
+    }
+    assert_eq!(
+        upstream_peers[0], upstream_peers[1],
+        "the upstream connection was closed after a client's Connection: close"
+    );
     let m = p.running.metrics.encode();
     assert!(
         m.contains("destination_service=\"reviews.default.svc.cluster.local\""),
