@@ -23,12 +23,19 @@ def med(scenario, path, key):
     return statistics.median(v) if v else None
 
 
-fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+latency = [(s, t) for s, t in [("h1-fixed", "HTTP/1.1 at the fixed rate: latency"),
+                                ("h2-fixed", "HTTP/2 at the fixed rate: latency")]
+           if any(med(s, p, "p50_ms") for p in paths)]
+scen = [("h1-max", "rps", "HTTP/1.1"), ("h2-max", "rps", "HTTP/2"), ("tcp", "gbps", "TCP"),
+        ("conn-churn", "rps", "conn/req")]
+scen = [s for s in scen if med(s[0], "direct", s[1])]
+panels = len(latency) + (1 if scen else 0)
+if panels == 0:
+    sys.exit("plot.py: nothing to plot")
+fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 5), squeeze=False)
+axes = list(axes[0])
 # Latency percentiles at the fixed rate, HTTP/1.1 and HTTP/2.
-for ax, scenario, title in [
-    (axes[0], "h1-fixed", "HTTP/1.1 at the fixed rate: latency"),
-    (axes[1], "h2-fixed", "HTTP/2 at the fixed rate: latency"),
-]:
+for ax, (scenario, title) in zip(axes, latency):
     pct = ["p50_ms", "p90_ms", "p99_ms"]
     width = 0.8 / max(len(paths), 1)
     for i, p in enumerate(paths):
@@ -44,26 +51,25 @@ for ax, scenario, title in [
     ax.set_title(title)
     ax.legend()
 # Throughput of the max scenarios, as a share of direct.
-ax = axes[2]
-scen = [("h1-max", "rps", "HTTP/1.1"), ("h2-max", "rps", "HTTP/2"), ("tcp", "gbps", "TCP"),
-        ("conn-churn", "rps", "conn/req")]
-scen = [s for s in scen if med(s[0], "direct", s[1])]
-width = 0.8 / max(len(paths), 1)
-for i, p in enumerate(paths):
-    vals = []
-    for s, key, _ in scen:
-        v, d = med(s, p, key), med(s, "direct", key)
-        vals.append(100.0 * v / d if v and d else 0)
-    xs = [j + i * width for j in range(len(scen))]
-    ax.bar(xs, vals, width, label=p, color=colors.get(p))
-    for x, v in zip(xs, vals):
-        if v:
-            ax.text(x, v, f"{v:.0f}", ha="center", va="bottom", fontsize=7)
-ax.set_xticks([j + width * (len(paths) - 1) / 2 for j in range(len(scen))])
-ax.set_xticklabels([s[2] for s in scen])
-ax.set_ylabel("% of direct (higher is better)")
-ax.set_title("Max throughput through two sidecars")
-ax.legend()
+if scen:
+    ax = axes[-1]
+    width = 0.8 / max(len(paths), 1)
+    for i, p in enumerate(paths):
+        vals = []
+        for s, key, _ in scen:
+            v, d = med(s, p, key), med(s, "direct", key)
+            vals.append(100.0 * v / d if v and d else 0)
+        xs = [j + i * width for j in range(len(scen))]
+        ax.bar(xs, vals, width, label=p, color=colors.get(p))
+        for x, v in zip(xs, vals):
+            if v:
+                ax.text(x, v, f"{v:.0f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks([j + width * (len(paths) - 1) / 2 for j in range(len(scen))])
+    ax.set_xticklabels([s[2] for s in scen])
+    ax.set_ylabel("% of direct (higher is better)")
+    ax.set_ylim(0, 115)
+    ax.set_title("Max throughput through two sidecars")
+    ax.legend(loc="upper right")
 fig.suptitle("ferry-bench: client pod -> sidecar -> sidecar -> app (medians)")
 fig.tight_layout()
 fig.savefig(sys.argv[2], dpi=110)

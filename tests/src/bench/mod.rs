@@ -122,6 +122,9 @@ pub struct Record {
     pub usage: Usage,
     /// Summed RSS of the pod's sidecar processes before any traffic, MiB (both pods).
     pub idle_rss_mib: f64,
+    /// The anonymous (private) part of it.
+    #[serde(default)]
+    pub idle_anon_mib: f64,
     pub retransmits: u64,
     /// Configuration versions the client sidecar applied during the run (config churn).
     pub config_updates: Option<u64>,
@@ -226,6 +229,7 @@ fn one(
         load: Load::default(),
         usage: Usage::default(),
         idle_rss_mib: 0.0,
+        idle_anon_mib: 0.0,
         retransmits: 0,
         config_updates: None,
         failed: None,
@@ -248,11 +252,12 @@ fn one(
         };
         let netns = [t.client_ns.clone(), t.server_ns.clone()];
         let names = [netns[0].as_str(), netns[1].as_str()];
-        rec.idle_rss_mib = topo::proxy_procs(&names)
-            .iter()
-            .map(|(_, _, rss)| *rss as f64)
-            .sum::<f64>()
-            / (1024.0 * 1024.0);
+        let idle = topo::proxy_procs(&names);
+        let mib = |f: fn(&topo::ProcSample) -> u64| {
+            idle.iter().map(|p| f(p) as f64).sum::<f64>() / (1024.0 * 1024.0)
+        };
+        rec.idle_rss_mib = mib(|p| p.rss);
+        rec.idle_anon_mib = mib(|p| p.anon);
         let load = Place {
             netns: &t.client_ns,
             cpus: &opts.loadgen_cpus,

@@ -192,7 +192,12 @@ fn verdicts(records: &[Record]) -> Vec<Verdict> {
 }
 
 /// An overview row: metric name, value of a record, decimals, whether to add the share of direct.
-type Row = (&'static str, Box<dyn Fn(&Record) -> Option<f64>>, usize, bool);
+type Row = (
+    &'static str,
+    Box<dyn Fn(&Record) -> Option<f64>>,
+    usize,
+    bool,
+);
 
 /// The markdown report.
 pub fn markdown(records: &[Record], paths: &[String], header: &str) -> String {
@@ -269,14 +274,17 @@ pub fn markdown(records: &[Record], paths: &[String], header: &str) -> String {
         let _ = writeln!(out, "\n### {}\n", s.name());
         let _ = writeln!(
             out,
-            "| path | {} | p50 ms | p90 ms | p99 ms | proxy CPU s/10k req | RSS/proxy idle MiB | RSS/proxy peak MiB | errors | runs |",
+            "| path | {} | p50 ms | p90 ms | p99 ms | proxy CPU s/10k req | RSS/proxy idle MiB | RSS/proxy peak MiB | private (anon) peak MiB | errors | runs |",
             if s == Scenario::Tcp {
                 "Gbit/s"
             } else {
                 "requests/s"
             }
         );
-        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(
+            out,
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
         for p in paths {
             let runs = cell(records, s, p);
             let failed: Vec<&Record> = records
@@ -290,7 +298,7 @@ pub fn markdown(records: &[Record], paths: &[String], header: &str) -> String {
             let m = |f: &dyn Fn(&Record) -> Option<f64>, d: usize| fmt(med(records, s, p, f), d);
             let _ = writeln!(
                 out,
-                "| {p} | {} | {} | {} | {} | {} | {} | {} | {} | {}{} |",
+                "| {p} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}{} |",
                 m(
                     &|r| Some(throughput(r)),
                     if s == Scenario::Tcp { 2 } else { 0 }
@@ -301,6 +309,7 @@ pub fn markdown(records: &[Record], paths: &[String], header: &str) -> String {
                 m(&|r| r.cpu_per_10k(), 3),
                 m(&|r| proxied.then_some(r.idle_rss_mib / 2.0), 1),
                 m(&|r| proxied.then_some(r.usage.rss_peak_mib / 2.0), 1),
+                m(&|r| proxied.then_some(r.usage.anon_peak_mib / 2.0), 1),
                 runs.iter().map(|r| r.load.errors).sum::<u64>(),
                 runs.len(),
                 if failed.is_empty() {
@@ -364,9 +373,11 @@ mod tests {
             usage: Usage {
                 cpu_s: cpu,
                 rss_peak_mib: 12.0,
+                anon_peak_mib: 3.0,
                 procs: 2,
             },
             idle_rss_mib: 9.0,
+            idle_anon_mib: 2.0,
             retransmits: 0,
             config_updates: None,
             failed: None,

@@ -353,6 +353,11 @@ pub struct Usage {
     pub cpu_s: f64,
     /// Peak of the summed RSS of the proxy processes, MiB.
     pub rss_peak_mib: f64,
+    /// Peak of their summed anonymous (private: heap, stacks) RSS, MiB. The rest of RSS is
+    /// the binary's and libraries' pages, shared through the page cache by every sidecar on a
+    /// node running the same image.
+    #[serde(default)]
+    pub anon_peak_mib: f64,
     /// How many proxy processes were seen.
     pub procs: usize,
 }
@@ -366,8 +371,17 @@ fn ns_inodes(names: &[&str]) -> Vec<u64> {
         .collect()
 }
 
-/// (pid, cpu seconds, rss bytes) of the proxy processes now.
-pub fn proxy_procs(netns: &[&str]) -> Vec<(u32, f64, u64)> {
+/// One proxy process now.
+#[derive(Clone, Copy, Debug)]
+pub struct ProcSample {
+    pub pid: u32,
+    pub cpu_s: f64,
+    pub rss: u64,
+    pub anon: u64,
+}
+
+/// The proxy processes now.
+pub fn proxy_procs(netns: &[&str]) -> Vec<ProcSample> {
     let inodes = ns_inodes(netns);
     let tick = 100.0; // USER_HZ on Linux
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -390,12 +404,19 @@ pub fn proxy_procs(netns: &[&str]) -> Vec<(u32, f64, u64)> {
             let f: Vec<&str> = rest.split_whitespace().collect();
             let cpu = (f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / tick;
             let status = std::fs::read_to_string(base.join("status")).ok()?;
-            let rss_kb = status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-                .unwrap_or(0);
-            Some((pid, cpu, rss_kb * 1024))
+            let kb = |field: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(field))
+                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            Some(ProcSample {
+                pid,
+                cpu_s: cpu,
+                rss: kb("VmRSS:") * 1024,
+                anon: kb("RssAnon:") * 1024,
+            })
         })
         .collect()
 }
@@ -416,15 +437,16 @@ impl Sampler {
             let names = [netns[0].as_str(), netns[1].as_str()];
             let first: std::collections::HashMap<u32, f64> = proxy_procs(&names)
                 .into_iter()
-                .map(|(p, c, _)| (p, c))
+                .map(|p| (p.pid, p.cpu_s))
                 .collect();
             let mut last = std::collections::HashMap::new();
-            let mut peak = 0u64;
+            let (mut peak, mut anon) = (0u64, 0u64);
             loop {
                 let now = proxy_procs(&names);
-                peak = peak.max(now.iter().map(|(_, _, r)| r).sum());
-                for (pid, cpu, _) in &now {
-                    last.insert(*pid, *cpu);
+                peak = peak.max(now.iter().map(|p| p.rss).sum());
+                anon = anon.max(now.iter().map(|p| p.anon).sum());
+                for p in &now {
+                    last.insert(p.pid, p.cpu_s);
                 }
                 let done = s.load(Ordering::SeqCst);
                 if done {
@@ -435,6 +457,7 @@ impl Sampler {
                     *r.lock().unwrap_or_else(|p| p.into_inner()) = Usage {
                         cpu_s: cpu,
                         rss_peak_mib: peak as f64 / (1024.0 * 1024.0),
+                        anon_peak_mib: anon as f64 / (1024.0 * 1024.0),
                         procs: last.len(),
                     };
                     return;
