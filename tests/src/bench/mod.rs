@@ -434,7 +434,8 @@ impl Churn {
 /// The report's header: when, on what, with which tools and options.
 pub fn header(opts: &Opts) -> String {
     let sh = |c: &str| {
-        topo::run(&["sh", "-c", c])
+        // Some tools print their version and exit non-zero (wrk -v).
+        topo::run(&["sh", "-c", &format!("{c}; true")])
             .unwrap_or_default()
             .lines()
             .next()
