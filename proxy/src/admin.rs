@@ -153,7 +153,7 @@ impl Admin {
             "runtime": {
                 "workers": self.cfg.workers,
                 "scheduling": format!("{:?}", self.cfg.scheduling),
-                "schedulingInEffect": crate::sched::current().map_or_else(|e| format!("unknown: {e}"), |p| format!("{p:?}")),
+                "schedulingInEffect": crate::os::scheduling().map_or_else(|e| format!("unknown: {e}"), |p| format!("{p:?}")),
             },
             "listeners": [
                 {"name": "virtualOutbound", "address": format!("0.0.0.0:{}", p.outbound), "policy": format!("{:?}", self.cfg.outbound_policy)},
@@ -164,7 +164,7 @@ impl Admin {
                 {"name": "admin", "address": p.admin.to_string()},
             ],
             "clusters": services,
-            "istio": snap.istio,
+            "istio": snap.istio_resources(),
             "rejected": snap.rejected,
             "proxyConfig": self.cfg.proxy_config,
             "appProbers": self.cfg.app_probers,

@@ -207,6 +207,7 @@ pub async fn start(
                             &cfg.cluster_domain,
                         );
                     }
+                    snap.compact();
                     for r in &snap.rejected {
                         warn!(object = %r, "object ignored");
                     }
@@ -221,7 +222,9 @@ pub async fn start(
                             .as_ref()
                             .map_or(0, |g| g.server_errors.len() as i64),
                     );
+                    // The previous snapshot is dropped here (unless a request still holds it).
                     snap_tx.send_replace(Arc::new(snap));
+                    crate::os::release_free_memory();
                     dirty = false;
                 }
                 if files_synced && kube_synced && version > 0 {

@@ -129,8 +129,12 @@ pub struct Snapshot {
     by_host: HashMap<String, Arc<Service>>,
     by_endpoint: HashMap<SocketAddr, Arc<Service>>,
     pods: HashMap<IpAddr, Arc<Workload>>,
-    /// VirtualServices and DestinationRules as given (routing is the next layer's job).
+    /// VirtualServices and DestinationRules as given (routing is the next layer's job); moved
+    /// into `istio_text` by [`Snapshot::compact`] once everything is compiled.
     pub istio: Vec<Value>,
+    /// The same as JSON text, for the config dump: a parsed tree of a large table costs several
+    /// times its text in memory (a 1,000-rule VirtualService: megabytes) for a page read rarely.
+    istio_text: String,
     /// The VirtualServices and DestinationRules, compiled.
     pub routes: crate::routing::RouteTable,
     /// Objects that could not be used, with why (shown in the config dump and logs).
@@ -139,6 +143,25 @@ pub struct Snapshot {
     pub gateway: Option<GatewayView>,
     /// Secrets the proxy may read (a gateway's own namespace): decoded data by (ns, name).
     pub secrets: crate::gateway_tls::Secrets,
+}
+
+impl Snapshot {
+    /// Keep the Istio resources only as text: call after compiling routes (and gateway routes).
+    pub fn compact(&mut self) {
+        if !self.istio.is_empty() {
+            self.istio_text = serde_json::to_string(&self.istio).unwrap_or_default();
+            self.istio = Vec::new();
+        }
+    }
+
+    /// The Istio resources as given, whether compacted or not.
+    pub fn istio_resources(&self) -> Value {
+        if self.istio.is_empty() && !self.istio_text.is_empty() {
+            serde_json::from_str(&self.istio_text).unwrap_or(Value::Null)
+        } else {
+            Value::Array(self.istio.clone())
+        }
+    }
 }
 
 /// What a gateway proxy serves: the Gateways that select its pod, their servers by port, and the

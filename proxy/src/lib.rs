@@ -9,7 +9,8 @@
 //! - [`admin`]: 15021 readiness, 15090 metrics, 15020 agent (app probes, /quitquitquit), 15000 admin.
 //! - [`metrics`]: Istio's standard metrics.
 //! - [`app`]: binding, discovery refresh, drain.
-//! - [`sched`]: the CPU scheduling policy (the one `unsafe` call, a libc syscall).
+//! - [`os`]: process-level knobs that need a foreign call: the CPU scheduling policy, returning
+//!   freed memory (the crate's only `unsafe`).
 
 pub mod admin;
 pub mod app;
@@ -22,8 +23,8 @@ pub mod gateway;
 pub mod gateway_tls;
 pub mod k8s;
 pub mod metrics;
+pub mod os;
 pub mod proxy;
 pub mod resilience;
 pub mod routing;
-pub mod sched;
 pub mod transport;

@@ -305,7 +305,7 @@ fn main() -> ExitCode {
         builder.init();
     }
     // Before the runtime: its threads inherit the policy.
-    match ferry_proxy::sched::apply(cfg.scheduling) {
+    match ferry_proxy::os::set_scheduling(cfg.scheduling) {
         Ok(()) => tracing::info!(policy = ?cfg.scheduling, "CPU scheduling policy set"),
         Err(e) => {
             tracing::warn!(policy = ?cfg.scheduling, error = %e, "could not set the CPU scheduling policy; running with the inherited one")

@@ -104,7 +104,11 @@ async fn watches_drive_the_snapshot_through_sync_updates_410_and_outages() {
     assert_eq!(code, 200);
     assert!(body.contains("reviews-v1"), "{body}");
     assert_eq!(
-        p.snapshot.borrow().istio.len(),
+        p.snapshot
+            .borrow()
+            .istio_resources()
+            .as_array()
+            .map_or(0, Vec::len),
         1,
         "VirtualServices reach the snapshot"
     );
