@@ -32,20 +32,26 @@ scen = [s for s in scen if med(s[0], "direct", s[1])]
 panels = len(latency) + (1 if scen else 0)
 if panels == 0:
     sys.exit("plot.py: nothing to plot")
+
+
+def bars(ax, groups, value):
+    """One bar per path in each group, labelled with its value(group, path)."""
+    width = 0.8 / max(len(paths), 1)
+    for i, p in enumerate(paths):
+        vals = [value(g, p) or 0 for g in groups]
+        xs = [j + i * width for j in range(len(groups))]
+        ax.bar(xs, vals, width, label=p, color=colors.get(p))
+        for x, v in zip(xs, vals):
+            if v:
+                ax.text(x, v, f"{v:.2f}" if v < 10 else f"{v:.0f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks([j + width * (len(paths) - 1) / 2 for j in range(len(groups))])
+
+
 fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 5), squeeze=False)
 axes = list(axes[0])
 # Latency percentiles at the fixed rate, HTTP/1.1 and HTTP/2.
 for ax, (scenario, title) in zip(axes, latency):
-    pct = ["p50_ms", "p90_ms", "p99_ms"]
-    width = 0.8 / max(len(paths), 1)
-    for i, p in enumerate(paths):
-        vals = [med(scenario, p, k) or 0 for k in pct]
-        xs = [j + i * width for j in range(len(pct))]
-        ax.bar(xs, vals, width, label=p, color=colors.get(p))
-        for x, v in zip(xs, vals):
-            if v:
-                ax.text(x, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks([j + width * (len(paths) - 1) / 2 for j in range(len(pct))])
+    bars(ax, ["p50_ms", "p90_ms", "p99_ms"], lambda k, p, s=scenario: med(s, p, k))
     ax.set_xticklabels(["p50", "p90", "p99"])
     ax.set_ylabel("ms (lower is better)")
     ax.set_title(title)
@@ -53,18 +59,13 @@ for ax, (scenario, title) in zip(axes, latency):
 # Throughput of the max scenarios, as a share of direct.
 if scen:
     ax = axes[-1]
-    width = 0.8 / max(len(paths), 1)
-    for i, p in enumerate(paths):
-        vals = []
-        for s, key, _ in scen:
-            v, d = med(s, p, key), med(s, "direct", key)
-            vals.append(100.0 * v / d if v and d else 0)
-        xs = [j + i * width for j in range(len(scen))]
-        ax.bar(xs, vals, width, label=p, color=colors.get(p))
-        for x, v in zip(xs, vals):
-            if v:
-                ax.text(x, v, f"{v:.0f}", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks([j + width * (len(paths) - 1) / 2 for j in range(len(scen))])
+
+    def share(sc, p):
+        s, key, _ = sc
+        v, d = med(s, p, key), med(s, "direct", key)
+        return 100.0 * v / d if v and d else 0
+
+    bars(ax, scen, share)
     ax.set_xticklabels([s[2] for s in scen])
     ax.set_ylabel("% of direct (higher is better)")
     ax.set_ylim(0, 130)

@@ -255,23 +255,28 @@ pub fn start(
     Ok(procs)
 }
 
-/// Wait for ferry's readiness (listeners bound and the first configuration synced).
-fn ready(ns: &str, cars: &Sidecars) -> Result<(), String> {
+/// `GET addr path` from inside `ns` (as root) with ferry-netcheck: "<status> <body>".
+fn get_in(ns: &str, cars: &Sidecars, addr: &str, path: &str) -> Result<String, String> {
     let here = Place {
         netns: ns,
         cpus: "",
         uid: None,
     };
-    let argv = vec![
+    let argv = [
         cars.netcheck.display().to_string(),
         "http".into(),
-        "127.0.0.1:15021".into(),
-        "/healthz/ready".into(),
+        addr.into(),
+        path.into(),
         "x".into(),
     ];
+    here.output(&argv, Duration::from_secs(5))
+}
+
+/// Wait for ferry's readiness (listeners bound and the first configuration synced).
+fn ready(ns: &str, cars: &Sidecars) -> Result<(), String> {
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     loop {
-        match here.output(&argv, Duration::from_secs(5)) {
+        match get_in(ns, cars, "127.0.0.1:15021", "/healthz/ready") {
             Ok(out) if out.starts_with("200") => return Ok(()),
             r if std::time::Instant::now() > deadline => {
                 return Err(format!("ferry in {ns} not ready after 15s: {r:?}"));
@@ -283,19 +288,7 @@ fn ready(ns: &str, cars: &Sidecars) -> Result<(), String> {
 
 /// A Prometheus gauge or counter value from ferry's metrics port in `ns`.
 pub fn metric(ns: &str, cars: &Sidecars, name: &str) -> Option<f64> {
-    let here = Place {
-        netns: ns,
-        cpus: "",
-        uid: None,
-    };
-    let argv = vec![
-        cars.netcheck.display().to_string(),
-        "http".into(),
-        "127.0.0.1:15090".into(),
-        "/stats/prometheus".into(),
-        "x".into(),
-    ];
-    let text = here.output(&argv, Duration::from_secs(5)).ok()?;
+    let text = get_in(ns, cars, "127.0.0.1:15090", "/stats/prometheus").ok()?;
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
