@@ -459,8 +459,16 @@ pub fn header(opts: &Opts) -> String {
         sh("wrk -v 2>&1"),
         sh("h2load --version 2>&1"),
         sh("iperf3 --version 2>&1"),
-        opts.loadgen_cpus,
-        opts.sut_cpus,
+        if opts.loadgen_cpus.is_empty() {
+            "(unpinned)"
+        } else {
+            &opts.loadgen_cpus
+        },
+        if opts.sut_cpus.is_empty() {
+            "(unpinned)"
+        } else {
+            &opts.sut_cpus
+        },
         opts.scheduling,
         opts.repeat,
         opts.duration,

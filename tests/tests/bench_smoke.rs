@@ -1,0 +1,114 @@
+//! The benchmark suite runs end to end: a short `ferry-bench` (one run, one second per cell)
+//! over direct and ferry, HTTP/1.1 at a fixed rate, HTTP/2 max, TCP and config churn. Checks that
+//! every cell measured something and ferry made no errors, never how fast anything was (speed
+//! is the suite's report, not a test's verdict). Root and the load tools; fails under CI=true
+//! without them.
+
+use std::process::Command;
+
+use ferry_tests::bench::Record;
+use ferry_tests::workspace_bin;
+
+#[test]
+fn the_suite_measures_every_cell_through_real_sidecars() {
+    if !ferry_tests::netns::require_root("the_suite_measures_every_cell_through_real_sidecars") {
+        return;
+    }
+    let missing: Vec<&str> = ["wrk", "h2load", "iperf3", "nginx"]
+        .into_iter()
+        .filter(|t| {
+            !Command::new("sh")
+                .args(["-c", &format!("command -v {t}")])
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .collect();
+    if !missing.is_empty() {
+        let why = format!("missing {missing:?} (bash .ci/setup installs them)");
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let out = std::env::temp_dir().join(format!("ferry-bench-smoke-{}", std::process::id()));
+    let run = Command::new(workspace_bin("ferry-bench"))
+        .args([
+            "--repeat",
+            "1",
+            "--duration",
+            "1",
+            "--warmup",
+            "0",
+            "--rate",
+            "200",
+            "--paths",
+            "direct,ferry",
+            "--scenarios",
+            "h1-fixed,h2-max,tcp,config-churn",
+            // No pinning: a smoke test must not depend on the machine's CPU count.
+            "--loadgen-cpus",
+            "",
+            "--sut-cpus",
+            "",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .expect("run ferry-bench");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(run.status.success(), "ferry-bench failed:\n{log}");
+    let records: Vec<Record> = serde_json::from_str(
+        &std::fs::read_to_string(out.join("results.json")).expect("results.json"),
+    )
+    .expect("records");
+    assert_eq!(records.len(), 8, "{log}");
+    for r in &records {
+        let what = format!("{} via {}", r.scenario.name(), r.path);
+        assert!(r.failed.is_none(), "{what}: {:?}", r.failed);
+        assert_eq!(r.load.errors, 0, "{what}: errors\n{log}");
+        match r.scenario.name() {
+            "tcp" => assert!(r.load.gbps > 0.0, "{what}: no throughput"),
+            _ => assert!(
+                r.load.requests > 0 && r.load.p99_ms > 0.0,
+                "{what}: nothing measured"
+            ),
+        }
+        if r.path == "ferry" {
+            // Both sidecars were found and sampled (uid 1337 in the two pods).
+            assert_eq!(r.usage.procs, 2, "{what}: {:?}", r.usage);
+            assert!(
+                r.idle_rss_mib > 0.0 && r.usage.cpu_s > 0.0,
+                "{what}: {:?}",
+                r.usage
+            );
+        }
+    }
+    let churn = records
+        .iter()
+        .find(|r| r.path == "ferry" && r.scenario.name() == "config-churn")
+        .expect("config churn through ferry");
+    assert!(
+        churn.config_updates.is_some_and(|n| n > 0),
+        "the sidecar applied no configuration change during churn: {:?}",
+        churn.config_updates
+    );
+    let summary = std::fs::read_to_string(out.join("summary.md")).expect("summary.md");
+    assert!(
+        summary.contains("## Targets") && summary.contains("| h2-max | requests/s |"),
+        "{summary}"
+    );
+    // Nothing of the run is left behind.
+    let netns = String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .expect("ip")
+            .stdout,
+    )
+    .into_owned();
+    assert!(!netns.contains("fbench-"), "namespaces left: {netns}");
+    let _ = std::fs::remove_dir_all(&out);
+}
