@@ -81,14 +81,10 @@ fn poll_dir(
         *last = newest;
         Ok(Some(objects))
     });
-    match read {
-        Ok(found) => Ok(found),
-        Err(e) => {
-            metrics.config_rejected.inc();
-            error!(error = %e, "configuration update refused; still serving the previous snapshot");
-            Err(())
-        }
-    }
+    read.map_err(|e| {
+        metrics.config_rejected.inc();
+        error!(error = %e, "configuration update refused; still serving the previous snapshot");
+    })
 }
 
 /// Bind, start serving, and return handles. The proxy drains and stops when `shutdown` flips.

@@ -145,25 +145,6 @@ pub struct Snapshot {
     pub secrets: crate::gateway_tls::Secrets,
 }
 
-impl Snapshot {
-    /// Keep the Istio resources only as text: call after compiling routes (and gateway routes).
-    pub fn compact(&mut self) {
-        if !self.istio.is_empty() {
-            self.istio_text = serde_json::to_string(&self.istio).unwrap_or_default();
-            self.istio = Vec::new();
-        }
-    }
-
-    /// The Istio resources as given, whether compacted or not.
-    pub fn istio_resources(&self) -> Value {
-        if self.istio.is_empty() && !self.istio_text.is_empty() {
-            serde_json::from_str(&self.istio_text).unwrap_or(Value::Null)
-        } else {
-            Value::Array(self.istio.clone())
-        }
-    }
-}
-
 /// What a gateway proxy serves: the Gateways that select its pod, their servers by port, and the
 /// VirtualServices bound to them.
 #[derive(Debug, Default)]
@@ -192,6 +173,23 @@ pub enum Target {
 }
 
 impl Snapshot {
+    /// Keep the Istio resources only as text: call after compiling routes (and gateway routes).
+    pub fn compact(&mut self) {
+        if !self.istio.is_empty() {
+            self.istio_text = serde_json::to_string(&self.istio).unwrap_or_default();
+            self.istio = Vec::new();
+        }
+    }
+
+    /// The Istio resources as given, whether compacted or not.
+    pub fn istio_resources(&self) -> Value {
+        if self.istio.is_empty() && !self.istio_text.is_empty() {
+            serde_json::from_str(&self.istio_text).unwrap_or(Value::Null)
+        } else {
+            Value::Array(self.istio.clone())
+        }
+    }
+
     /// Compile a snapshot from Kubernetes objects (any order, any kinds).
     pub fn build(version: u64, objects: &[Value], domain: &str) -> Snapshot {
         Self::build_for(version, objects, domain, None)

@@ -199,6 +199,21 @@ struct CustomClients {
     buffered: Pools<Full<Bytes>>,
 }
 
+/// The outbound client of `pools` for these settings, created on first use.
+fn pooled<B>(pools: &Pools<B>, settings: Settings, h2: bool) -> Client<Connector, B>
+where
+    B: hyper::body::Body + Send + 'static + Unpin,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    pools
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry((settings, h2))
+        .or_insert_with(|| client_with(false, h2, settings))
+        .clone()
+}
+
 fn full(status: StatusCode, msg: &str) -> Response<Body> {
     let mut r = Response::new(
         Full::new(Bytes::from(format!("{msg}\n")))
@@ -1287,16 +1302,7 @@ impl Proxy {
                 (Some(bytes), _) => {
                     let r = rebuild(uri).body(Full::new(bytes.clone()));
                     let client = match settings {
-                        Some(s) => {
-                            let mut m = self
-                                .custom
-                                .buffered
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner());
-                            m.entry((s, use_h2))
-                                .or_insert_with(|| client_with(false, use_h2, s))
-                                .clone()
-                        }
+                        Some(s) => pooled(&self.custom.buffered, s, use_h2),
                         None if use_h2 => self.h2_out_buf.clone(),
                         None => self.h1_out_buf.clone(),
                     };
@@ -1312,14 +1318,7 @@ impl Proxy {
                 (None, Some(b)) => {
                     let client = match (c.dir, use_h2, settings) {
                         (Direction::Outbound | Direction::Gateway, h2, Some(s)) => {
-                            let mut m = self
-                                .custom
-                                .streaming
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner());
-                            m.entry((s, h2))
-                                .or_insert_with(|| client_with(false, h2, s))
-                                .clone()
+                            pooled(&self.custom.streaming, s, h2)
                         }
                         (Direction::Outbound | Direction::Gateway, false, None) => {
                             self.h1_out.clone()

@@ -692,26 +692,37 @@ impl FakeApiServer {
 
     /// Serve on `listener` until the returned task is aborted (which also ends open watches).
     pub fn serve(&self, listener: TcpListener) -> tokio::task::JoinHandle<()> {
-        let this = self.clone();
-        tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                let Ok((s, _)) = listener.accept().await else {
-                    continue;
-                };
-                conns.spawn(this.clone().serve_conn(s));
-            }
+        let l = Arc::new(listener);
+        self.serve_accepted(move || {
+            let l = l.clone();
+            async move { l.accept().await.map(|(s, _)| s) }
         })
     }
 
     /// Serve on a Unix socket (the lab's command line talks to its API server this way, so the
     /// host's network namespace is never touched).
     pub fn serve_unix(&self, listener: tokio::net::UnixListener) -> tokio::task::JoinHandle<()> {
+        let l = Arc::new(listener);
+        self.serve_accepted(move || {
+            let l = l.clone();
+            async move { l.accept().await.map(|(s, _)| s) }
+        })
+    }
+
+    /// Serve every connection `accept` yields, each on its own task, until aborted.
+    fn serve_accepted<S, F>(
+        &self,
+        accept: impl Fn() -> F + Send + 'static,
+    ) -> tokio::task::JoinHandle<()>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        F: std::future::Future<Output = std::io::Result<S>> + Send,
+    {
         let this = self.clone();
         tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             loop {
-                let Ok((s, _)) = listener.accept().await else {
+                let Ok(s) = accept().await else {
                     continue;
                 };
                 conns.spawn(this.clone().serve_conn(s));
