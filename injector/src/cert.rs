@@ -5,7 +5,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::SystemTime;
 
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -142,7 +141,7 @@ pub fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
 pub struct Store {
     cert_path: PathBuf,
     key_path: PathBuf,
-    current: RwLock<(Arc<CertifiedKey>, i64, Option<SystemTime>)>,
+    current: RwLock<(Arc<CertifiedKey>, i64, Option<u64>)>,
 }
 
 impl std::fmt::Debug for Store {
@@ -154,9 +153,14 @@ impl std::fmt::Debug for Store {
     }
 }
 
-fn stamp(a: &Path, b: &Path) -> Option<SystemTime> {
-    let m = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    Some(m(a)?.max(m(b)?))
+/// A digest of both files' contents. Not their modification times: two updates within the
+/// filesystem's timestamp granularity would look like one, and the second would never load.
+fn stamp(a: &Path, b: &Path) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    std::fs::read(a).ok()?.hash(&mut h);
+    std::fs::read(b).ok()?.hash(&mut h);
+    Some(h.finish())
 }
 
 /// What a reload check did.
@@ -181,8 +185,8 @@ impl Store {
         self.current.read().map(|c| c.1).unwrap_or_default()
     }
 
-    /// Load the files again if their modification time moved. Kubernetes updates mounted Secrets
-    /// by swapping a symlink, which also changes the time seen through it.
+    /// Load the files again if their contents changed (Kubernetes updates mounted Secrets by
+    /// swapping a symlink; a file missing mid-swap keeps the current pair).
     pub fn reload_if_changed(&self) -> Reload {
         let now = stamp(&self.cert_path, &self.key_path);
         let last = self.current.read().ok().and_then(|c| c.2);

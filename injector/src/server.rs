@@ -190,10 +190,13 @@ pub async fn serve(
         let shared = shared.clone();
         let settings = settings.clone();
         tokio::spawn(async move {
-            let mut config_stamp = settings
+            // Compared by content, not modification time: two writes within the filesystem's
+            // timestamp granularity (or a read between a truncate and its write) would leave an
+            // mtime-based check holding a stale configuration for good.
+            let mut config_text = settings
                 .config_path
                 .as_ref()
-                .and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+                .and_then(|p| std::fs::read_to_string(p).ok());
             loop {
                 tokio::time::sleep(settings.reload_interval).await;
                 match shared.certs.reload_if_changed() {
@@ -209,10 +212,12 @@ pub async fn serve(
                     }
                 }
                 if let Some(p) = &settings.config_path {
-                    let stamp = std::fs::metadata(p).and_then(|m| m.modified()).ok();
-                    if stamp.is_some() && stamp != config_stamp {
-                        config_stamp = stamp;
-                        match Config::load(p) {
+                    // A missing file (a ConfigMap's symlink swap in progress) keeps the current one.
+                    let text = std::fs::read_to_string(p).ok();
+                    if text.is_some() && text != config_text {
+                        config_text = text;
+                        let text = config_text.as_deref().unwrap_or_default();
+                        match Config::parse(text, &p.display().to_string()) {
                             Ok(c) => {
                                 if let Ok(mut cur) = shared.config.write() {
                                     *cur = Arc::new(c);

@@ -32,6 +32,13 @@ fn write(path: &Path, text: &str) {
     // Write-then-rename, as a kubelet Secret/ConfigMap update does, so a reader never sees half a file.
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).expect("write");
+    // Every version gets the same modification time: updates landing within the filesystem's
+    // timestamp granularity look like this, and the injector must still see each one.
+    std::fs::File::options()
+        .write(true)
+        .open(&tmp)
+        .and_then(|f| f.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000)))
+        .expect("set mtime");
     std::fs::rename(&tmp, path).expect("rename");
 }
 
