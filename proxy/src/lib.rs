@@ -4,6 +4,7 @@
 //! - [`config`]: Istio's `istio-proxy` arguments and environment → validated [`config::Config`].
 //! - [`discovery`]: Kubernetes objects → immutable [`discovery::Snapshot`]; the file source.
 //! - [`transport`]: `SO_ORIGINAL_DST`, upstream connects (inbound from 127.0.0.6).
+//! - [`coalesce`]: gathers HTTP/2 frames from many streams into one write.
 //! - [`detect`]: protocol sniffing with a timeout (server-first protocols never stall).
 //! - [`proxy`]: the data path: TCP relay, HTTP/1.1 and HTTP/2 forwarding, upgrades, errors.
 //! - [`admin`]: 15021 readiness, 15090 metrics, 15020 agent (app probes, /quitquitquit), 15000 admin.
@@ -14,6 +15,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod coalesce;
 pub mod config;
 pub mod crds;
 pub mod detect;

@@ -16,11 +16,13 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::coalesce::Coalesce;
 use crate::config::{Config, OutboundPolicy};
 use crate::detect::{self, Detected};
 use crate::discovery::{Protocol, SERVER_FIRST_PORTS, Snapshot, Target};
@@ -52,12 +54,14 @@ impl Direction {
 #[derive(Clone)]
 pub struct Connector {
     inbound: bool,
+    /// HTTP/2 pools: coalesce writes (see [`Coalesce`]).
+    h2: bool,
     timeout: Duration,
     keepalive: Option<Duration>,
 }
 
 impl tower_service::Service<Uri> for Connector {
-    type Response = TokioIo<TcpStream>;
+    type Response = TokioIo<Coalesce<TcpStream>>;
     type Error = std::io::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -66,7 +70,8 @@ impl tower_service::Service<Uri> for Connector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let (inbound, timeout, keepalive) = (self.inbound, self.timeout, self.keepalive);
+        let (inbound, h2, timeout, keepalive) =
+            (self.inbound, self.h2, self.timeout, self.keepalive);
         Box::pin(async move {
             let addr: SocketAddr = uri
                 .authority()
@@ -78,8 +83,14 @@ impl tower_service::Service<Uri> for Connector {
                 let _ = socket2::SockRef::from(&s)
                     .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(k));
             }
-            Ok(TokioIo::new(s))
+            Ok(TokioIo::new(Coalesce::new(s, h2)))
         })
+    }
+}
+
+impl Connection for Coalesce<TcpStream> {
+    fn connected(&self) -> Connected {
+        self.get_ref().connected()
     }
 }
 
@@ -182,6 +193,7 @@ where
     }
     b.build(Connector {
         inbound,
+        h2,
         timeout: connect.unwrap_or(CONNECT_TIMEOUT),
         keepalive,
     })
@@ -636,7 +648,10 @@ impl Proxy {
                 }
             }
             match detected {
-                Detected::Http1 | Detected::Http2 => self.serve_http(c, stream).await,
+                Detected::Http1 | Detected::Http2 => {
+                    let h2 = detected == Detected::Http2;
+                    self.serve_http(c, Coalesce::new(stream, h2)).await
+                }
                 _ => self.relay_tcp(c, stream, snap, target, subset.as_deref()).await,
             }
         }
