@@ -223,22 +223,34 @@ pub struct RequestMetrics {
     pub response_bytes: Histogram,
 }
 
-/// The label set a connection last reported, with its metrics. Requests on one connection
-/// almost always share their labels, so the families (a hash of sixteen strings and a lock,
-/// four times) are consulted only when the labels change.
-#[derive(Default)]
-pub struct LastLabels(std::sync::Mutex<Option<(Labels, RequestMetrics)>>);
+/// The metrics a connection last reported to, under the key its label set was built from.
+/// Requests on one connection almost always share their labels, so the label set (eighteen
+/// strings) is built, and the families (a hash of them and a lock, four times) consulted, only
+/// when the key changes.
+pub struct LastLabels<K>(std::sync::Mutex<Option<(K, RequestMetrics)>>);
 
-impl LastLabels {
-    /// Run `f` on the metrics of `labels`.
-    pub fn with(&self, metrics: &Metrics, labels: Labels, f: impl FnOnce(&RequestMetrics)) {
+impl<K> Default for LastLabels<K> {
+    fn default() -> Self {
+        LastLabels(std::sync::Mutex::new(None))
+    }
+}
+
+impl<K: PartialEq> LastLabels<K> {
+    /// Run `f` on the metrics of the label set `key` stands for (`labels` builds it).
+    pub fn with(
+        &self,
+        metrics: &Metrics,
+        key: K,
+        labels: impl FnOnce() -> Labels,
+        f: impl FnOnce(&RequestMetrics),
+    ) {
         let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
         match &*last {
-            Some((l, m)) if *l == labels => f(m),
+            Some((k, m)) if *k == key => f(m),
             _ => {
-                let m = metrics.request_metrics(&labels);
+                let m = metrics.request_metrics(&labels());
                 f(&m);
-                *last = Some((labels, m));
+                *last = Some((key, m));
             }
         }
     }
@@ -260,11 +272,21 @@ mod tests {
     fn the_cache_counts_into_the_families_and_follows_label_changes() {
         let m = Metrics::new();
         let last = LastLabels::default();
+        let mut built = 0;
         for code in ["200", "200", "503", "200"] {
-            last.with(&m, labels(code), |r| {
-                r.requests.inc();
-            });
+            last.with(
+                &m,
+                code,
+                || {
+                    built += 1;
+                    labels(code)
+                },
+                |r| {
+                    r.requests.inc();
+                },
+            );
         }
+        assert_eq!(built, 3, "built again only when the key changed");
         assert_eq!(m.requests.get_or_create(&labels("200")).get(), 3);
         assert_eq!(m.requests.get_or_create(&labels("503")).get(), 1);
         let text = m.encode();

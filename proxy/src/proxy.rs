@@ -247,7 +247,74 @@ struct Conn {
     peer: SocketAddr,
     orig: SocketAddr,
     /// Shared by the connection's requests.
-    last_labels: Arc<crate::metrics::LastLabels>,
+    last_labels: Arc<crate::metrics::LastLabels<LabelKey>>,
+}
+
+/// What a request's metric labels are made of, before they are built (`finish` builds the
+/// eighteen strings only when they differ from the connection's previous request's).
+struct Tags<'t> {
+    snap: &'t Arc<Snapshot>,
+    target: &'t Target,
+    protocol: &'static str,
+    /// The endpoint picked, which names the destination workload.
+    endpoint: Option<SocketAddr>,
+    /// Envoy's response flags ("UF", "DI,UH"); empty for none.
+    flags: String,
+}
+
+impl<'t> Tags<'t> {
+    fn new(snap: &'t Arc<Snapshot>, target: &'t Target, protocol: &'static str) -> Self {
+        Tags {
+            snap,
+            target,
+            protocol,
+            endpoint: None,
+            flags: String::new(),
+        }
+    }
+}
+
+/// A connection's last label set, by what it was built from: the snapshot (by identity; the
+/// weak reference keeps its allocation, though not its contents, so no later snapshot can
+/// take its address), the target within it, and the request's outcome.
+struct LabelKey {
+    snapshot: std::sync::Weak<Snapshot>,
+    target: TargetKey,
+    protocol: &'static str,
+    endpoint: Option<SocketAddr>,
+    code: u16,
+    flags: String,
+}
+
+impl PartialEq for LabelKey {
+    fn eq(&self, o: &Self) -> bool {
+        std::sync::Weak::ptr_eq(&self.snapshot, &o.snapshot)
+            && self.target == o.target
+            && self.protocol == o.protocol
+            && self.endpoint == o.endpoint
+            && self.code == o.code
+            && self.flags == o.flags
+    }
+}
+
+/// A target by identity within one snapshot (its services and workloads are shared `Arc`s).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TargetKey {
+    Service(usize, u16),
+    Pod(usize, SocketAddr),
+    Unknown(SocketAddr),
+}
+
+impl TargetKey {
+    fn of(t: &Target) -> Self {
+        match t {
+            Target::Service { service, port } => {
+                TargetKey::Service(Arc::as_ptr(service) as usize, *port)
+            }
+            Target::Pod { addr, workload } => TargetKey::Pod(Arc::as_ptr(workload) as usize, *addr),
+            Target::Unknown(a) => TargetKey::Unknown(*a),
+        }
+    }
 }
 
 impl Conn {
@@ -518,16 +585,16 @@ impl Proxy {
     fn local_reply(
         &self,
         c: &Conn,
-        snap: &Snapshot,
+        snap: &Arc<Snapshot>,
         target: &Target,
         started: Instant,
         req: &Request<Incoming>,
         flag: &str,
         resp: Response<Body>,
     ) -> Response<Body> {
-        let mut labels = self.labels(c, snap, target, "http");
-        labels.response_flags = flag.into();
-        self.finish(labels, started, resp, c, &self.line(req), None)
+        let mut tags = Tags::new(snap, target, "http");
+        tags.flags = flag.into();
+        self.finish(tags, started, resp, c, &self.line(req), None)
     }
 
     /// Fill in the destination workload from the endpoint actually picked.
@@ -815,12 +882,16 @@ impl Proxy {
         let mut rerouted: Option<Target> = None;
         // Where the routes come from: the destination service's host (sidecar), or the request's
         // host among the routes bound to this gateway's Gateways.
-        let gateway_host = authority.as_deref().map(|a| {
-            a.rsplit_once(':')
-                .filter(|(_, p)| p.chars().all(|ch| ch.is_ascii_digit()))
-                .map_or(a, |(h, _)| h)
-                .to_ascii_lowercase()
-        });
+        // (Only a gateway routes by it: not worth a lowercased copy per request elsewhere.)
+        let gateway_host = authority
+            .as_deref()
+            .filter(|_| c.dir == Direction::Gateway)
+            .map(|a| {
+                a.rsplit_once(':')
+                    .filter(|(_, p)| p.chars().all(|ch| ch.is_ascii_digit()))
+                    .map_or(a, |(h, _)| h)
+                    .to_ascii_lowercase()
+            });
         let lookup: Option<(&crate::routing::RouteTable, &str, u16)> = match (c.dir, &target) {
             (Direction::Outbound, Target::Service { service, port }) => {
                 Some((&snap.routes, service.hostname.as_str(), *port))
@@ -865,8 +936,14 @@ impl Proxy {
                 )) {
                     r.headers_mut().insert(hyper::header::LOCATION, v);
                 }
-                let labels = self.labels(&c, &snap, &target, "http");
-                return self.finish(labels, started, r, &c, &self.line(&req), None);
+                return self.finish(
+                    Tags::new(&snap, &target, "http"),
+                    started,
+                    r,
+                    &c,
+                    &self.line(&req),
+                    None,
+                );
             }
             if !admitted {
                 let why = format!("no route: host {host:?} is not served on this gateway port");
@@ -942,8 +1019,14 @@ impl Proxy {
                         if let Ok(v) = hyper::header::HeaderValue::from_str(&location) {
                             r.headers_mut().insert(hyper::header::LOCATION, v);
                         }
-                        let labels = self.labels(&c, &snap, &target, "http");
-                        return self.finish(labels, started, r, &c, &self.line(&req), None);
+                        return self.finish(
+                            Tags::new(&snap, &target, "http"),
+                            started,
+                            r,
+                            &c,
+                            &self.line(&req),
+                            None,
+                        );
                     }
                     crate::routing::Action::Route(ds) => {
                         let d = crate::routing::pick_weighted(ds, roll() % 100).cloned();
@@ -981,9 +1064,9 @@ impl Proxy {
             }
         }
         let target = rerouted.unwrap_or(target);
-        let service_name = match &target {
-            Target::Service { service, .. } => service.hostname.clone(),
-            _ => "unknown".to_owned(),
+        let service_name: &str = match &target {
+            Target::Service { service, .. } => &service.hostname,
+            _ => "unknown",
         };
         // CORS: a preflight for an allowed origin is answered here; other requests get the
         // allow headers on their response.
@@ -1004,8 +1087,14 @@ impl Proxy {
         {
             let mut r = full(StatusCode::OK, "");
             cors_headers(r.headers_mut(), cors, origin, true);
-            let labels = self.labels(&c, &snap, &target, "http");
-            return self.finish(labels, started, r, &c, &self.line(&req), None);
+            return self.finish(
+                Tags::new(&snap, &target, "http"),
+                started,
+                r,
+                &c,
+                &self.line(&req),
+                None,
+            );
         }
         // Fault injection applies on the route, before any upstream is chosen.
         let mut fault_flag: Option<&'static str> = None;
@@ -1015,12 +1104,12 @@ impl Proxy {
             {
                 tokio::time::sleep(*delay).await;
                 fault_flag = Some("DI");
-                self.metrics.event(&service_name, "fault_delay");
+                self.metrics.event(service_name, "fault_delay");
             }
             if let Some((abort, pct)) = &f.abort
                 && resilience::hits(*pct, roll())
             {
-                self.metrics.event(&service_name, "fault_abort");
+                self.metrics.event(service_name, "fault_abort");
                 let resp = match abort {
                     resilience::Abort::Http(code) => full(
                         StatusCode::from_u16(*code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
@@ -1063,21 +1152,21 @@ impl Proxy {
             (_, true) => "http2",
             _ => "http",
         };
-        let mut labels = self.labels(&c, &snap, &target, protocol);
+        let mut tags = Tags::new(&snap, &target, protocol);
         let line = self.line(&req);
         let req_len = req
             .headers()
             .get(hyper::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        let flagged = |labels: &mut Labels, flag: &str| {
-            labels.response_flags = match fault_flag {
+        let flagged = |tags: &mut Tags<'_>, flag: &str| {
+            tags.flags = match fault_flag {
                 Some(f) => format!("{f},{flag}"),
                 None => flag.to_owned(),
             };
         };
         if let Some(f) = fault_flag {
-            labels.response_flags = f.into();
+            tags.flags = f.into();
         }
         // Path rewrite and request header edits of the matched route.
         let pq = req
@@ -1129,13 +1218,13 @@ impl Proxy {
             (Direction::Outbound, _) => self.tcp_upstream(&c, &target),
             (Direction::Gateway, _) => Err("no route"),
         };
-        let no_endpoint = |labels: &mut Labels, why: &'static str| {
+        let no_endpoint = |tags: &mut Tags<'_>, why: &'static str| {
             let (status, flag) = if why.starts_with("no healthy") {
                 (StatusCode::SERVICE_UNAVAILABLE, "UH")
             } else {
                 (StatusCode::BAD_GATEWAY, "NR")
             };
-            flagged(labels, flag);
+            flagged(tags, flag);
             full(
                 status,
                 if flag == "UH" {
@@ -1150,20 +1239,20 @@ impl Proxy {
             let endpoint = match pick(None, req.headers()) {
                 Ok(e) => e,
                 Err(why) => {
-                    let resp = no_endpoint(&mut labels, why);
-                    return self.finish(labels, started, resp, &c, &line, req_len);
+                    let resp = no_endpoint(&mut tags, why);
+                    return self.finish(tags, started, resp, &c, &line, req_len);
                 }
             };
-            Self::set_endpoint(&mut labels, &snap, endpoint);
+            tags.endpoint = Some(endpoint);
             match format!("http://{endpoint}{pq}").parse::<Uri>() {
                 Ok(uri) => *req.uri_mut() = uri,
                 Err(_) => {
                     let resp = full(StatusCode::BAD_REQUEST, "bad request target");
-                    return self.finish(labels, started, resp, &c, &line, req_len);
+                    return self.finish(tags, started, resp, &c, &line, req_len);
                 }
             }
             let resp = self.upgrade(c.dir, endpoint, req).await;
-            return self.finish(labels, started, resp, &c, &line, req_len);
+            return self.finish(tags, started, resp, &c, &line, req_len);
         }
         let declared_h2 = matches!(&target, Target::Service { service, port } if service.port(*port).is_some_and(|p| matches!(p.protocol, Protocol::Http2 | Protocol::Grpc)));
 
@@ -1215,14 +1304,14 @@ impl Proxy {
         {
             Ok(a) => a,
             Err(resilience::Overflow(limit)) => {
-                self.metrics.event(&service_name, "overflow");
-                flagged(&mut labels, "UO");
+                self.metrics.event(service_name, "overflow");
+                flagged(&mut tags, "UO");
                 debug!(service = %service_name, port = cluster_port, subset = ?subset, limit, "circuit breaker overflow");
                 let resp = full(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "upstream connect error or disconnect/reset before headers. reset reason: overflow",
                 );
-                return self.finish(labels, started, resp, &c, &line, req_len);
+                return self.finish(tags, started, resp, &c, &line, req_len);
             }
         };
         let idempotent = resilience::idempotent(
@@ -1249,7 +1338,7 @@ impl Proxy {
                     Ok(b) => Some(b.to_bytes()),
                     Err(_) => {
                         let resp = full(StatusCode::BAD_REQUEST, "request body aborted");
-                        return self.finish(labels, started, resp, &c, &line, req_len);
+                        return self.finish(tags, started, resp, &c, &line, req_len);
                     }
                 },
                 None => None,
@@ -1263,7 +1352,7 @@ impl Proxy {
             Some(bytes) => self.spawn_mirrors(&snap, mirrors, &parts, &pq, bytes),
             None if !mirrors.is_empty() => {
                 debug!("request body too large or streaming: not mirrored");
-                self.metrics.event(&service_name, "mirror_skipped");
+                self.metrics.event(service_name, "mirror_skipped");
             }
             None => {}
         }
@@ -1300,19 +1389,21 @@ impl Proxy {
             let endpoint = match pick(last, &parts.headers) {
                 Ok(e) => e,
                 Err(why) => {
-                    let resp = no_endpoint(&mut labels, why);
-                    return self.finish(labels, started, resp, &c, &line, req_len);
+                    let resp = no_endpoint(&mut tags, why);
+                    return self.finish(tags, started, resp, &c, &line, req_len);
                 }
             };
-            Self::set_endpoint(&mut labels, &snap, endpoint);
+            tags.endpoint = Some(endpoint);
             let uri: Uri = match format!("http://{endpoint}{pq}").parse() {
                 Ok(u) => u,
                 Err(_) => {
                     let resp = full(StatusCode::BAD_REQUEST, "bad request target");
-                    return self.finish(labels, started, resp, &c, &line, req_len);
+                    return self.finish(tags, started, resp, &c, &line, req_len);
                 }
             };
-            let _inflight = Inflight::enter(&self.inflight, endpoint);
+            // LEAST_REQUEST's counts; inbound has nothing to balance (the endpoint is this pod).
+            let _inflight =
+                (c.dir != Direction::Inbound).then(|| Inflight::enter(&self.inflight, endpoint));
             let sent = match (&buffered, body.take()) {
                 (Some(bytes), _) => {
                     let r = rebuild(uri).body(Full::new(bytes.clone()));
@@ -1326,7 +1417,7 @@ impl Proxy {
                             as Pin<Box<dyn Future<Output = _> + Send + '_>>,
                         Err(_) => {
                             let resp = full(StatusCode::BAD_REQUEST, "bad request");
-                            return self.finish(labels, started, resp, &c, &line, req_len);
+                            return self.finish(tags, started, resp, &c, &line, req_len);
                         }
                     }
                 }
@@ -1348,13 +1439,13 @@ impl Proxy {
                         Ok(r) => Box::pin(async move { client.request(r).await }),
                         Err(_) => {
                             let resp = full(StatusCode::BAD_REQUEST, "bad request");
-                            return self.finish(labels, started, resp, &c, &line, req_len);
+                            return self.finish(tags, started, resp, &c, &line, req_len);
                         }
                     }
                 }
                 (None, None) => {
                     let resp = full(StatusCode::BAD_GATEWAY, "request body already consumed");
-                    return self.finish(labels, started, resp, &c, &line, req_len);
+                    return self.finish(tags, started, resp, &c, &line, req_len);
                 }
             };
             let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
@@ -1369,10 +1460,10 @@ impl Proxy {
             let overall_expired = deadline.is_some_and(|d| Instant::now() >= d);
             let (outcome, resp) = match result {
                 None if overall_expired => {
-                    self.metrics.event(&service_name, "timeout");
-                    flagged(&mut labels, if attempt > 0 { "UT,URX" } else { "UT" });
+                    self.metrics.event(service_name, "timeout");
+                    flagged(&mut tags, if attempt > 0 { "UT,URX" } else { "UT" });
                     let resp = full(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout");
-                    return self.finish(labels, started, resp, &c, &line, req_len);
+                    return self.finish(tags, started, resp, &c, &line, req_len);
                 }
                 None => (
                     resilience::Outcome::PerTryTimeout,
@@ -1447,7 +1538,7 @@ impl Proxy {
                     .outliers
                     .record(p, endpoint, outcome, &all, Instant::now())
                 {
-                    self.metrics.event(&service_name, "ejection");
+                    self.metrics.event(service_name, "ejection");
                     info!(%endpoint, service = %service_name, "outlier detection: endpoint ejected");
                 }
             }
@@ -1457,7 +1548,7 @@ impl Proxy {
             let slot = retry_reason.and_then(|_| {
                 let s = admitted.retry_slot();
                 if s.is_none() {
-                    self.metrics.event(&service_name, "retry_budget_exhausted");
+                    self.metrics.event(service_name, "retry_budget_exhausted");
                 }
                 s
             });
@@ -1465,7 +1556,7 @@ impl Proxy {
                 _slots.push(slot);
                 attempt += 1;
                 last = Some(endpoint);
-                self.metrics.event(&service_name, "retry");
+                self.metrics.event(service_name, "retry");
                 debug!(%endpoint, reason, attempt, "retrying");
                 let wait = resilience::backoff(attempt - 1, roll());
                 let wait = match deadline {
@@ -1480,7 +1571,7 @@ impl Proxy {
                 Ok(mut r) => {
                     strip_hop_by_hop(r.headers_mut());
                     if exhausted {
-                        flagged(&mut labels, "URX");
+                        flagged(&mut tags, "URX");
                     }
                     if let Some(route) = &applied {
                         edit_headers(r.headers_mut(), &route.response_headers);
@@ -1492,10 +1583,10 @@ impl Proxy {
                 }
                 Err((status, flag, msg)) => {
                     if outcome == resilience::Outcome::PerTryTimeout {
-                        self.metrics.event(&service_name, "timeout");
+                        self.metrics.event(service_name, "timeout");
                     }
                     flagged(
-                        &mut labels,
+                        &mut tags,
                         &if exhausted {
                             format!("{flag},URX")
                         } else {
@@ -1505,7 +1596,7 @@ impl Proxy {
                     full(status, msg)
                 }
             };
-            return self.finish(labels, started, resp, &c, &line, req_len);
+            return self.finish(tags, started, resp, &c, &line, req_len);
         }
     }
 
@@ -1716,14 +1807,25 @@ impl Proxy {
 
     fn finish(
         &self,
-        mut labels: Labels,
+        tags: Tags<'_>,
         started: Instant,
         resp: Response<Body>,
         c: &Conn,
         line: &str,
         req_len: Option<u64>,
     ) -> Response<Body> {
-        labels.response_code = resp.status().as_u16().to_string();
+        let code = resp.status().as_u16();
+        let labels = || {
+            let mut l = self.labels(c, tags.snap, tags.target, tags.protocol);
+            if let Some(e) = tags.endpoint {
+                Self::set_endpoint(&mut l, tags.snap, e);
+            }
+            if !tags.flags.is_empty() {
+                l.response_flags = tags.flags.clone();
+            }
+            l.response_code = code.to_string();
+            l
+        };
         let ms = started.elapsed().as_secs_f64() * 1000.0;
         let resp_len = resp
             .headers()
@@ -1732,12 +1834,21 @@ impl Proxy {
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0);
         if self.cfg.access_log {
+            let labels = labels();
             println!(
                 "{}",
                 serde_json::json!({"kind": "http", "direction": format!("{:?}", c.dir), "client": c.peer.to_string(), "orig_dst": c.orig.to_string(), "request": line, "code": resp.status().as_u16(), "flags": labels.response_flags, "service": labels.destination_service, "duration_ms": ms})
             );
         }
-        c.last_labels.with(&self.metrics, labels, |m| {
+        let key = LabelKey {
+            snapshot: Arc::downgrade(tags.snap),
+            target: TargetKey::of(tags.target),
+            protocol: tags.protocol,
+            endpoint: tags.endpoint,
+            code,
+            flags: tags.flags.clone(),
+        };
+        c.last_labels.with(&self.metrics, key, labels, |m| {
             m.requests.inc();
             m.duration_ms.observe(ms);
             m.request_bytes.observe(req_len.unwrap_or(0) as f64);

@@ -594,3 +594,85 @@ async fn tls_is_passed_through_by_sni() {
     let _ = p.stop.send(true);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Metric labels are built once per connection and label-set change: a configuration update
+/// between two requests on one keep-alive connection must show in the second one's labels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_labels_follow_a_configuration_change_on_a_kept_alive_connection() {
+    let up = upstream::http("app").await;
+    let dir = tmpdir("labels");
+    let named = |name: &str| {
+        registry("10.96.0.21", 9080, &[up], "http")
+            .replace("name: reviews", &format!("name: {name}"))
+            .replace("service-name: reviews", &format!("service-name: {name}"))
+    };
+    std::fs::write(dir.join("registry.yaml"), named("reviews")).expect("write");
+    let p = proxy(
+        "10.96.0.21:9080".parse().expect("addr"),
+        Some(dir.clone()),
+        OutboundPolicy::RegistryOnly,
+    )
+    .await;
+    for _ in 0..50 {
+        if p.running.readiness.check().is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let s = TcpStream::connect(local(p.running.addrs.outbound))
+        .await
+        .expect("connect");
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let count = |m: &str, name: &str| {
+        m.lines()
+            .filter(|l| {
+                l.starts_with("istio_requests_total{")
+                    && l.contains(&format!("destination_service_name=\"{name}\""))
+            })
+            .map(|l| l.rsplit(' ').next().unwrap_or("").to_owned())
+            .collect::<Vec<_>>()
+    };
+    let mut send = async |path: &str| {
+        tx.ready().await.expect("connection ready");
+        // By address: the Host names no service, so the original destination picks it.
+        let req = hyper::Request::get(path)
+            .header("host", "10.96.0.21:9080")
+            .body(Full::new(Bytes::new()))
+            .expect("req");
+        let resp = tx.send_request(req).await.expect("request");
+        let status = resp.status().as_u16();
+        let _ = resp.into_body().collect().await;
+        status
+    };
+    assert_eq!(send("/one").await, 200);
+    assert_eq!(send("/two").await, 200);
+    assert_eq!(count(&p.running.metrics.encode(), "reviews"), vec!["2"]);
+
+    // Same ClusterIP, renamed service: the next request on the same connection is counted
+    // under the new name.
+    std::fs::write(dir.join("registry.yaml"), named("ratings")).expect("write");
+    let mut renamed = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(send("/three").await, 200);
+        if !count(&p.running.metrics.encode(), "ratings").is_empty() {
+            renamed = true;
+            break;
+        }
+    }
+    assert!(
+        renamed,
+        "labels never followed the update: {}",
+        p.running.metrics.encode()
+    );
+    let m = p.running.metrics.encode();
+    let reviews: u64 = count(&m, "reviews")[0].parse().expect("count");
+    let ratings: u64 = count(&m, "ratings")[0].parse().expect("count");
+    assert_eq!(ratings, 1, "{m}");
+    assert!(reviews >= 2, "{m}");
+    let _ = p.stop.send(true);
+    let _ = std::fs::remove_dir_all(&dir);
+}
