@@ -579,8 +579,9 @@ impl Proxy {
         }
     }
 
-    /// An answer the proxy makes itself (no upstream), with its response flag, counted and
-    /// logged like any other. (The arguments are what a metric's labels and the access log need.)
+    /// An answer the proxy makes itself (no upstream), with its response flag ("" for none: a
+    /// redirect, a CORS preflight), counted and logged like any other. (The arguments are what
+    /// a metric's labels and the access log need.)
     #[allow(clippy::too_many_arguments)]
     fn local_reply(
         &self,
@@ -936,14 +937,7 @@ impl Proxy {
                 )) {
                     r.headers_mut().insert(hyper::header::LOCATION, v);
                 }
-                return self.finish(
-                    Tags::new(&snap, &target, "http"),
-                    started,
-                    r,
-                    &c,
-                    &self.line(&req),
-                    None,
-                );
+                return self.local_reply(&c, &snap, &target, started, &req, "", r);
             }
             if !admitted {
                 let why = format!("no route: host {host:?} is not served on this gateway port");
@@ -1019,14 +1013,7 @@ impl Proxy {
                         if let Ok(v) = hyper::header::HeaderValue::from_str(&location) {
                             r.headers_mut().insert(hyper::header::LOCATION, v);
                         }
-                        return self.finish(
-                            Tags::new(&snap, &target, "http"),
-                            started,
-                            r,
-                            &c,
-                            &self.line(&req),
-                            None,
-                        );
+                        return self.local_reply(&c, &snap, &target, started, &req, "", r);
                     }
                     crate::routing::Action::Route(ds) => {
                         let d = crate::routing::pick_weighted(ds, roll() % 100).cloned();
@@ -1087,14 +1074,7 @@ impl Proxy {
         {
             let mut r = full(StatusCode::OK, "");
             cors_headers(r.headers_mut(), cors, origin, true);
-            return self.finish(
-                Tags::new(&snap, &target, "http"),
-                started,
-                r,
-                &c,
-                &self.line(&req),
-                None,
-            );
+            return self.local_reply(&c, &snap, &target, started, &req, "", r);
         }
         // Fault injection applies on the route, before any upstream is chosen.
         let mut fault_flag: Option<&'static str> = None;
