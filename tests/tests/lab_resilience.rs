@@ -211,14 +211,25 @@ fn resilience_policies_through_the_sidecars() {
             .expect("ready");
         let pods = pods_by_name(lab, "res").await;
         let client = first_with_prefix(&pods, "client-");
-        // Wait until the client's sidecar has every policy.
+        // Wait until the client's sidecar has every policy and every other pod as an endpoint
+        // (pods turn ready in the API server before their EndpointSlices reach the sidecar:
+        // a request in between is a correct 503, no healthy upstream).
+        let ips: Vec<String> = pods
+            .iter()
+            .filter(|(name, _)| **name != client)
+            .filter_map(|(_, p)| p["status"]["podIP"].as_str().map(|ip| format!("{ip}:")))
+            .collect();
+        assert!(ips.len() >= 9, "pod IPs: {ips:?}");
         let started = std::time::Instant::now();
         loop {
             let dump = exec_stdout(lab, &client, "res", Some("istio-proxy"), &["ferry-proxy", "config", "routes", "-o", "json"]).await;
-            if ["fixedDelay", "flaky-post", "maxConnections", "outlierDetection", "h2UpgradePolicy"].iter().all(|n| dump.contains(n)) {
+            let eps = exec_stdout(lab, &client, "res", Some("istio-proxy"), &["ferry-proxy", "config", "endpoints"]).await;
+            if ["fixedDelay", "flaky-post", "maxConnections", "outlierDetection", "h2UpgradePolicy"].iter().all(|n| dump.contains(n))
+                && ips.iter().all(|ip| eps.contains(ip.as_str()))
+            {
                 break;
             }
-            assert!(started.elapsed() < Duration::from_secs(20), "policies not picked up: {dump}");
+            assert!(started.elapsed() < Duration::from_secs(20), "policies or endpoints not picked up: {dump}\n{eps}");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
 
