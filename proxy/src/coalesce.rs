@@ -21,6 +21,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// bulk DATA stream is not copied without bound and still goes out in large writes).
 const HIGH_WATER: usize = 64 * 1024;
 
+/// Buffer capacity kept between bursts.
+const RETAIN: usize = 16 * 1024;
+
 /// Yields per flush at most, while each one gathered more frames.
 const MAX_YIELDS: u8 = 4;
 
@@ -73,8 +76,9 @@ impl<T: AsyncWrite + Unpin> Coalesce<T> {
         }
         self.buf.clear();
         self.pos = 0;
-        // Keep a burst's buffer for the next one, but not a bulk transfer's.
-        if self.buf.capacity() > HIGH_WATER {
+        // Keep a small burst's buffer for the next one; a large one's would stay with every idle
+        // connection (a thousand idle gRPC channels must not hold 64 KiB each).
+        if self.buf.capacity() > RETAIN {
             self.buf = Vec::new();
         }
         Poll::Ready(Ok(()))
@@ -300,6 +304,19 @@ mod tests {
         assert_eq!(c.io.writes.len(), 1);
         assert_eq!(c.io.writes[0].len(), HIGH_WATER);
         assert_eq!(c.pending(), 16 * 1024);
+    }
+
+    #[test]
+    fn a_large_bursts_buffer_is_not_kept_by_an_idle_connection() {
+        let mut c = Coalesce::new(Recorder::default(), true);
+        let mut cx = noop_cx();
+        let _ = Pin::new(&mut c).poll_write(&mut cx, &[1u8; 1024]);
+        while Pin::new(&mut c).poll_flush(&mut cx).is_pending() {}
+        assert!(c.buf.capacity() >= 1024, "a small burst's buffer is reused");
+        let _ = Pin::new(&mut c).poll_write(&mut cx, &vec![1u8; 40 * 1024]);
+        while Pin::new(&mut c).poll_flush(&mut cx).is_pending() {}
+        assert_eq!(c.buf.capacity(), 0);
+        assert_eq!(c.io.writes.concat().len(), 41 * 1024);
     }
 
     #[test]
