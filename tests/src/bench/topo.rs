@@ -19,21 +19,9 @@ pub const APP_TCP: u16 = 5201;
 /// The app's response body, bytes (Istio's published benchmarks use 1 kB).
 pub const BODY_BYTES: usize = 1024;
 
-/// Run a command to completion; its stderr in the error.
+/// Run a command to completion (the lab's runner); its stderr in the error.
 pub fn run(cmd: &[&str]) -> Result<String, String> {
-    let out = Command::new(cmd[0])
-        .args(&cmd[1..])
-        .output()
-        .map_err(|e| format!("{}: {e}", cmd[0]))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "{cmd:?}: {}{}",
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        ))
-    }
+    crate::lab::net::run(cmd).map_err(|e| e.to_string())
 }
 
 /// Where and as whom a process runs.
