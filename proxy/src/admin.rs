@@ -140,7 +140,11 @@ impl Admin {
                     "name": s.name, "namespace": s.namespace, "hostname": s.hostname,
                     "clusterIPs": s.cluster_ips.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
                     "ports": s.ports.iter().map(|p| json!({"name": p.name, "port": p.port, "protocol": format!("{:?}", p.protocol)})).collect::<Vec<_>>(),
-                    "endpoints": s.endpoints.iter().map(|(port, eps)| json!({"port": port, "addresses": eps.iter().map(|e| e.addr.to_string()).collect::<Vec<_>>()})).collect::<Vec<_>>(),
+                    // `sidecar`: the endpoints whose sidecar captures the port (HTTP/1.1 to them is
+                    // multiplexed over HTTP/2 unless `multiplexPeers` is off).
+                    "endpoints": s.endpoints.iter().map(|(port, eps)| json!({"port": port,
+                        "addresses": eps.iter().map(|e| e.addr.to_string()).collect::<Vec<_>>(),
+                        "sidecar": eps.iter().filter(|e| e.sidecar).map(|e| e.addr.to_string()).collect::<Vec<_>>()})).collect::<Vec<_>>(),
                 })
             })
             .collect();
@@ -154,6 +158,7 @@ impl Admin {
                 "workers": self.cfg.workers,
                 "scheduling": format!("{:?}", self.cfg.scheduling),
                 "schedulingInEffect": crate::os::scheduling().map_or_else(|e| format!("unknown: {e}"), |p| format!("{p:?}")),
+                "multiplexPeers": self.cfg.multiplex_peers,
             },
             "listeners": [
                 {"name": "virtualOutbound", "address": format!("0.0.0.0:{}", p.outbound), "policy": format!("{:?}", self.cfg.outbound_policy)},

@@ -254,6 +254,10 @@ pub async fn start(
             loop {
                 match l.accept().await {
                     Ok((s, peer)) => {
+                        match dir {
+                            Direction::Inbound => proxy.metrics.inbound_connections.inc(),
+                            _ => proxy.metrics.outbound_connections.inc(),
+                        };
                         tokio::spawn(proxy.clone().handle(dir, s, peer));
                     }
                     Err(e) => warn!(error = %e, "accept failed"),

@@ -8,7 +8,9 @@
 //! scheduler (waking itself first) so the tasks already queued can add their frames; it keeps
 //! yielding while each round adds more (at most [`MAX_YIELDS`] times), then writes everything in
 //! one syscall. A lone request pays one extra poll of the connection task, never a timer: nothing
-//! waits for data that is not already on its way. Measured in ferry-bench (h2 at saturation):
+//! waits for data that is not already on its way; and after a yield that gathered nothing, the
+//! next few flushes write at once (a connection carrying one request at a time does not pay the
+//! poll on every write). Measured in ferry-bench (h2 at saturation):
 //! writes per second down 2.7x, proxy CPU per request down 30%, throughput up 24%.
 
 use std::io::{self, IoSlice};
@@ -27,6 +29,11 @@ const RETAIN: usize = 16 * 1024;
 /// Yields per flush at most, while each one gathered more frames.
 const MAX_YIELDS: u8 = 4;
 
+/// Flushes that write at once after a yield gathered nothing (a lone request at a time, where
+/// yielding only costs another poll of the connection task); the next flush yields again, to
+/// notice when load returns.
+const SKIP_AFTER_IDLE_YIELD: u8 = 7;
+
 /// An I/O object whose writes are gathered until a flush finds no other task ready to add to
 /// them. With `enabled` false it passes every call straight through (HTTP/1 connections, where
 /// hyper already writes one response per `writev`).
@@ -41,6 +48,8 @@ pub struct Coalesce<T> {
     yields: u8,
     /// Buffered length at the last yield: a flush that finds it unchanged writes.
     len_at_yield: usize,
+    /// Flushes left that write without yielding first.
+    skip: u8,
 }
 
 impl<T> Coalesce<T> {
@@ -52,6 +61,7 @@ impl<T> Coalesce<T> {
             pos: 0,
             yields: 0,
             len_at_yield: 0,
+            skip: 0,
         }
     }
 
@@ -146,13 +156,17 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
         let this = self.get_mut();
         if this.pending() > 0 {
             let grew = this.buf.len() > this.len_at_yield;
-            if this.yields == 0 || (grew && this.yields < MAX_YIELDS) {
+            if this.yields == 0 && this.skip > 0 {
+                this.skip -= 1;
+            } else if this.yields == 0 || (grew && this.yields < MAX_YIELDS) {
                 // Let the tasks already scheduled (other streams' responses, usually) add their
                 // frames first. The self-wake puts this task behind them in the run queue.
                 this.yields += 1;
                 this.len_at_yield = this.buf.len();
                 cx.waker().wake_by_ref();
                 return Poll::Pending;
+            } else if this.yields == 1 && !grew {
+                this.skip = SKIP_AFTER_IDLE_YIELD;
             }
             ready!(this.poll_drain(cx))?;
         }
@@ -254,6 +268,28 @@ mod tests {
         assert_eq!(polls, MAX_YIELDS as usize + 1);
         assert_eq!(c.io.writes.len(), 1);
         assert_eq!(c.io.writes[0].len(), 5 * polls);
+    }
+
+    #[test]
+    fn after_a_yield_that_gathered_nothing_the_next_flushes_write_at_once() {
+        let mut c = Coalesce::new(Recorder::default(), true);
+        let mut cx = noop_cx();
+        // A lone request: the yield finds nothing more to send.
+        let _ = Pin::new(&mut c).poll_write(&mut cx, b"alone");
+        assert!(Pin::new(&mut c).poll_flush(&mut cx).is_pending());
+        assert!(Pin::new(&mut c).poll_flush(&mut cx).is_ready());
+        // So the next ones are written without yielding...
+        for i in 0..SKIP_AFTER_IDLE_YIELD {
+            let _ = Pin::new(&mut c).poll_write(&mut cx, b"next");
+            assert!(
+                Pin::new(&mut c).poll_flush(&mut cx).is_ready(),
+                "flush {i} after an idle yield"
+            );
+        }
+        assert_eq!(c.io.writes.len(), 1 + SKIP_AFTER_IDLE_YIELD as usize);
+        // ...and then a flush yields again, to notice when load comes back.
+        let _ = Pin::new(&mut c).poll_write(&mut cx, b"probe");
+        assert!(Pin::new(&mut c).poll_flush(&mut cx).is_pending());
     }
 
     #[test]

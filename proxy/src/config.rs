@@ -84,6 +84,11 @@ pub struct Args {
     /// `normal` (SCHED_OTHER) [default: batch]
     #[arg(long = "scheduling", env = "FERRY_SCHEDULING")]
     pub scheduling: Option<String>,
+    /// Send HTTP/1.1 requests to endpoints whose sidecar captures the port over one shared
+    /// HTTP/2 connection per endpoint; the peer sidecar gives the app HTTP/1.1 again. `false`
+    /// keeps a connection per client connection [default: true]
+    #[arg(long = "multiplex-peers", env = "FERRY_MULTIPLEX_PEERS")]
+    pub multiplex_peers: Option<String>,
 }
 
 /// Reads the environment; a map in tests.
@@ -167,6 +172,8 @@ pub struct Config {
     /// that select this pod.
     pub router: bool,
     pub scheduling: Scheduling,
+    /// HTTP/1.1 to peer sidecars over shared HTTP/2 connections.
+    pub multiplex_peers: bool,
 }
 
 /// The CPU scheduling policy the proxy asks for at start-up.
@@ -333,6 +340,11 @@ impl Config {
                 ));
             }
         };
+        let multiplex_peers = match args.multiplex_peers.as_deref() {
+            None => true,
+            Some(v) => ferry_init::config::parse_bool(v)
+                .ok_or_else(|| bad("--multiplex-peers", v, "expected true or false"))?,
+        };
         let mut cfg = Config {
             pod_name: env.get("POD_NAME").unwrap_or_default(),
             pod_namespace,
@@ -368,6 +380,7 @@ impl Config {
             proxy_config,
             router,
             scheduling,
+            multiplex_peers,
         };
         // Ports overridable for tests and non-standard setups (Istio has no names for these).
         for (name, slot) in [

@@ -78,6 +78,9 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     pub pod: Option<String>,
     pub labels: BTreeMap<String, String>,
+    /// The pod's sidecar captures this port: HTTP/1.1 to it may travel multiplexed over HTTP/2
+    /// between the sidecars (the peer restores HTTP/1.1 for the app).
+    pub sidecar: bool,
 }
 
 /// A Service with its resolved endpoints per port.
@@ -117,6 +120,62 @@ pub struct Workload {
     pub namespace: String,
     pub name: String,
     pub labels: BTreeMap<String, String>,
+    /// Which inbound ports the pod's sidecar captures.
+    pub capture: Capture,
+}
+
+/// Inbound ports a pod's sidecar captures, from what injection left on the pod: the
+/// `security.istio.io/tlsMode: istio` label (what Istio's auto-mTLS uses to find sidecars) and
+/// the `traffic.sidecar.istio.io/{include,exclude}InboundPorts` and
+/// `sidecar.istio.io/interceptionMode` annotations (the inputs of the pod's capture rules).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Capture {
+    /// No sidecar, or one that captures no inbound traffic.
+    #[default]
+    None,
+    /// Every port except these.
+    AllExcept(Vec<u16>),
+    /// Only these ports.
+    Only(Vec<u16>),
+}
+
+impl Capture {
+    pub fn of_pod(
+        labels: &BTreeMap<String, String>,
+        annotations: &BTreeMap<String, String>,
+    ) -> Capture {
+        let ports = |k: &str| -> Vec<u16> {
+            annotations
+                .get(k)
+                .map(|v| v.split(',').filter_map(|p| p.trim().parse().ok()).collect())
+                .unwrap_or_default()
+        };
+        if labels.get("security.istio.io/tlsMode").map(String::as_str) != Some("istio")
+            || annotations
+                .get("sidecar.istio.io/interceptionMode")
+                .is_some_and(|m| m.eq_ignore_ascii_case("NONE"))
+        {
+            return Capture::None;
+        }
+        match annotations
+            .get("traffic.sidecar.istio.io/includeInboundPorts")
+            .map(|v| v.trim())
+        {
+            None | Some("*") => {
+                Capture::AllExcept(ports("traffic.sidecar.istio.io/excludeInboundPorts"))
+            }
+            Some("") => Capture::None,
+            Some(_) => Capture::Only(ports("traffic.sidecar.istio.io/includeInboundPorts")),
+        }
+    }
+
+    pub fn covers(&self, port: u16) -> bool {
+        match self {
+            Capture::None => false,
+            Capture::AllExcept(except) => !except.contains(&port),
+            Capture::Only(only) => only.contains(&port),
+        }
+    }
 }
 
 /// Everything the data path needs, immutable. Requests take an `Arc` of the current one and keep
@@ -254,6 +313,10 @@ impl Snapshot {
             };
             let meta = &p.metadata;
             let labels = meta.labels.clone().unwrap_or_default();
+            let capture = Capture::of_pod(
+                &labels,
+                meta.annotations.as_ref().unwrap_or(&BTreeMap::new()),
+            );
             let name = labels
                 .get("service.istio.io/canonical-name")
                 .or_else(|| labels.get("app"))
@@ -266,6 +329,7 @@ impl Snapshot {
                     namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
                     name,
                     labels,
+                    capture,
                 }),
             );
         }
@@ -348,6 +412,7 @@ impl Snapshot {
                                 addr: SocketAddr::new(ip, port),
                                 pod: ep.target_ref.as_ref().and_then(|r| r.name.clone()),
                                 labels: workload.map(|w| w.labels.clone()).unwrap_or_default(),
+                                sidecar: workload.is_some_and(|w| w.capture.covers(port)),
                             });
                         }
                     }
@@ -662,6 +727,90 @@ status: {podIP: 10.1.0.1}
                 .as_deref(),
             Some("reviews")
         );
+    }
+
+    #[test]
+    fn which_inbound_ports_a_pods_sidecar_captures() {
+        let map = |kv: &[(&str, &str)]| -> BTreeMap<String, String> {
+            kv.iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let injected = map(&[("app", "r"), ("security.istio.io/tlsMode", "istio")]);
+        type Case<'a> = (
+            &'a BTreeMap<String, String>,
+            &'a [(&'a str, &'a str)],
+            &'a [u16],
+            &'a [u16],
+        );
+        let cases: &[Case<'_>] = &[
+            // (labels, annotations, captured, not captured)
+            (&injected, &[], &[80, 9080], &[]),
+            (
+                &injected,
+                &[("traffic.sidecar.istio.io/excludeInboundPorts", "9080, 9090")],
+                &[80],
+                &[9080, 9090],
+            ),
+            (
+                &injected,
+                &[("traffic.sidecar.istio.io/includeInboundPorts", "8080")],
+                &[8080],
+                &[80],
+            ),
+            (
+                &injected,
+                &[("traffic.sidecar.istio.io/includeInboundPorts", "")],
+                &[],
+                &[80],
+            ),
+            (
+                &injected,
+                &[("traffic.sidecar.istio.io/includeInboundPorts", "*")],
+                &[80],
+                &[],
+            ),
+            (
+                &injected,
+                &[("sidecar.istio.io/interceptionMode", "NONE")],
+                &[],
+                &[80],
+            ),
+            (&map(&[("app", "r")]), &[], &[], &[80]),
+            (
+                &map(&[("security.istio.io/tlsMode", "disabled")]),
+                &[],
+                &[],
+                &[80],
+            ),
+        ];
+        for (labels, annotations, yes, no) in cases {
+            let c = Capture::of_pod(labels, &map(annotations));
+            for p in *yes {
+                assert!(c.covers(*p), "{labels:?} {annotations:?}: {p} captured");
+            }
+            for p in *no {
+                assert!(
+                    !c.covers(*p),
+                    "{labels:?} {annotations:?}: {p} not captured"
+                );
+            }
+        }
+        // The endpoint carries it: the fixture's pod has no sidecar label.
+        let snap = Snapshot::build(1, &objects(), "cluster.local");
+        let Target::Service { service, .. } = snap.target("10.96.1.10:9080".parse().expect("addr"))
+        else {
+            panic!("service")
+        };
+        assert!(!service.endpoints[&9080][0].sidecar);
+        let mut objs = objects();
+        objs[2]["metadata"]["labels"]["security.istio.io/tlsMode"] = "istio".into();
+        let snap = Snapshot::build(2, &objs, "cluster.local");
+        let Target::Service { service, .. } = snap.target("10.96.1.10:9080".parse().expect("addr"))
+        else {
+            panic!("service")
+        };
+        assert!(service.endpoints[&9080][0].sidecar);
     }
 
     #[test]

@@ -184,14 +184,24 @@ fn config_cmd(rest: &[String]) -> ExitCode {
             }
         }
         _ => {
-            println!("{:<24} {:<50} STATUS", "ENDPOINT", "SERVICE");
+            println!(
+                "{:<24} {:<50} {:<8} SIDECAR",
+                "ENDPOINT", "SERVICE", "STATUS"
+            );
             for c in section.as_array().into_iter().flatten() {
                 for e in c["endpoints"].as_array().into_iter().flatten() {
+                    let sidecar = e["sidecar"].as_array();
                     for a in e["addresses"].as_array().into_iter().flatten() {
                         println!(
-                            "{:<24} {:<50} HEALTHY",
+                            "{:<24} {:<50} {:<8} {}",
                             a.as_str().unwrap_or(""),
-                            format!("{}:{}", c["hostname"].as_str().unwrap_or(""), e["port"])
+                            format!("{}:{}", c["hostname"].as_str().unwrap_or(""), e["port"]),
+                            "HEALTHY",
+                            if sidecar.is_some_and(|s| s.contains(a)) {
+                                "yes"
+                            } else {
+                                "no"
+                            }
                         );
                     }
                 }

@@ -45,6 +45,10 @@ pub struct Metrics {
     pub config_version: Gauge,
     pub config_rejected: Counter,
     pub loops_refused: Counter,
+    /// Connections the inbound and outbound listeners accepted (with peer multiplexing, many
+    /// client connections arrive at a peer's inbound listener as one).
+    pub inbound_connections: Counter,
+    pub outbound_connections: Counter,
     /// Resilience events, by destination service and kind (bounded sets).
     pub resilience: Family<EventLabels, Counter>,
     /// Gateway servers not served because their certificate material is missing or bad.
@@ -55,7 +59,8 @@ pub struct Metrics {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EventLabels {
     pub destination_service: String,
-    /// retry, timeout, overflow, ejection, fault_delay, fault_abort, retry_budget_exhausted
+    /// retry, timeout, overflow, ejection, fault_delay, fault_abort, retry_budget_exhausted,
+    /// peer_not_http2 (an endpoint labelled as having a sidecar answered HTTP/2 with HTTP/1)
     pub event: &'static str,
 }
 
@@ -151,6 +156,18 @@ impl Metrics {
             "Connections refused because their destination was the proxy itself",
             loops_refused.clone(),
         );
+        let inbound_connections = Counter::default();
+        ferry.register(
+            "inbound_connections",
+            "Connections accepted by the inbound listener",
+            inbound_connections.clone(),
+        );
+        let outbound_connections = Counter::default();
+        ferry.register(
+            "outbound_connections",
+            "Connections accepted by the outbound listener",
+            outbound_connections.clone(),
+        );
         let resilience = Family::<EventLabels, Counter>::default();
         ferry.register(
             "upstream_events",
@@ -178,6 +195,8 @@ impl Metrics {
             config_version,
             config_rejected,
             loops_refused,
+            inbound_connections,
+            outbound_connections,
         }
     }
 

@@ -141,6 +141,8 @@ pub struct Proxy {
     pub draining: watch::Receiver<bool>,
     rr: AtomicUsize,
     inflight: std::sync::Mutex<std::collections::HashMap<SocketAddr, usize>>,
+    /// What multiplexed requests taught about endpoints labelled as having a sidecar.
+    peers: std::sync::Mutex<std::collections::HashMap<SocketAddr, Peer>>,
     h1_out: Client<Connector, Incoming>,
     h2_out: Client<Connector, Incoming>,
     h1_in: Client<Connector, Incoming>,
@@ -154,6 +156,10 @@ pub struct Proxy {
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Marks an HTTP/1.1 request that a sidecar sends to a peer sidecar over HTTP/2 (as
+/// linkerd2-proxy's `l5d-orig-proto`): many client connections share one coalesced connection
+/// between the sidecars, and the peer gives the app HTTP/1.1 again. Removed from anything else.
+const ORIG_PROTO: &str = "x-ferry-orig-proto";
 /// Relay buffer per direction of an opaque TCP connection, held for the connection's life.
 /// tokio's default (8 KiB) costs a read and a write per 8 KiB on bulk transfers; measured
 /// through two sidecars (README): 16 KiB gave 6.1-6.5 Gbit/s, 64 KiB 6.5-7.8, within noise of
@@ -224,6 +230,16 @@ where
         .entry((settings, h2))
         .or_insert_with(|| client_with(false, h2, settings))
         .clone()
+}
+
+/// What a proxy learnt of an endpoint labelled as having a sidecar (see `ORIG_PROTO`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Peer {
+    Unknown,
+    /// Answered a multiplexed request.
+    Proven,
+    /// Failed its first one: HTTP/1.1 until then.
+    NotHttp2(Instant),
 }
 
 fn full(status: StatusCode, msg: &str) -> Response<Body> {
@@ -345,6 +361,7 @@ impl Proxy {
             draining,
             rr: AtomicUsize::new(0),
             inflight: std::sync::Mutex::new(std::collections::HashMap::new()),
+            peers: std::sync::Mutex::new(std::collections::HashMap::new()),
             h1_out: client(false, false),
             h2_out: client(false, true),
             h1_in: client(true, false),
@@ -359,6 +376,26 @@ impl Proxy {
 
     fn snap(&self) -> Arc<Snapshot> {
         self.snapshot.borrow().clone()
+    }
+
+    /// What is known of `endpoint` as an HTTP/2 peer.
+    fn peer(&self, endpoint: SocketAddr) -> Peer {
+        let m = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        match m.get(&endpoint) {
+            Some(Peer::NotHttp2(until)) if *until <= Instant::now() => Peer::Unknown,
+            Some(p) => *p,
+            None => Peer::Unknown,
+        }
+    }
+
+    fn learn(&self, endpoint: SocketAddr, what: Peer) {
+        let mut m = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        // Pod IPs come and go: forget everything now and then rather than grow without bound
+        // (an endpoint forgotten is learnt again from its next request).
+        if m.len() >= 16 * 1024 {
+            m.clear();
+        }
+        m.insert(endpoint, what);
     }
 
     /// Whether `orig` is this proxy itself (a capture loop).
@@ -755,9 +792,9 @@ impl Proxy {
     ) {
         let mut labels = self.labels(&c, &snap, &target, "tcp");
         let picked = match (&c.dir, &target) {
-            (Direction::Outbound | Direction::Gateway, Target::Service { service, port }) => {
-                self.pick_endpoint(&c, &snap, service, (*port, subset, None), &|_: &str| None)
-            }
+            (Direction::Outbound | Direction::Gateway, Target::Service { service, port }) => self
+                .pick_endpoint(&c, &snap, service, (*port, subset, None), &|_: &str| None)
+                .map(|(a, _)| a),
             _ => self.tcp_upstream(&c, &target),
         };
         let upstream = match picked {
@@ -1114,7 +1151,15 @@ impl Proxy {
                 return self.local_reply(&c, &snap, &target, started, &req, "FI", resp);
             }
         }
-        let h2_down = req.version() == hyper::Version::HTTP_2;
+        let mut h2_down = req.version() == hyper::Version::HTTP_2;
+        if req.headers().contains_key(ORIG_PROTO) {
+            req.headers_mut().remove(ORIG_PROTO);
+            // Only a peer sidecar's marker counts: inbound, on HTTP/2.
+            if h2_down && c.dir == Direction::Inbound {
+                *req.version_mut() = hyper::Version::HTTP_11;
+                h2_down = false;
+            }
+        }
         let protocol = match (&target, h2_down) {
             (Target::Service { service, port }, _)
                 if service.port(*port).map(|p| p.protocol) == Some(Protocol::Grpc) =>
@@ -1178,8 +1223,9 @@ impl Proxy {
         {
             req.headers_mut().insert(hyper::header::HOST, v);
         }
+        // The endpoint, and whether its sidecar captures the port (see `ORIG_PROTO`).
         let pick = |avoid: Option<SocketAddr>, headers: &hyper::HeaderMap| match (c.dir, &target) {
-            (Direction::Inbound, _) => Ok(c.orig),
+            (Direction::Inbound, _) => Ok((c.orig, false)),
             (Direction::Outbound | Direction::Gateway, Target::Service { service, port }) => self
                 .pick_endpoint(
                     &c,
@@ -1195,7 +1241,7 @@ impl Proxy {
                         (!all.is_empty()).then(|| all.join("; "))
                     },
                 ),
-            (Direction::Outbound, _) => self.tcp_upstream(&c, &target),
+            (Direction::Outbound, _) => self.tcp_upstream(&c, &target).map(|a| (a, false)),
             (Direction::Gateway, _) => Err("no route"),
         };
         let no_endpoint = |tags: &mut Tags<'_>, why: &'static str| {
@@ -1217,7 +1263,7 @@ impl Proxy {
         let upgrade = !h2_down && req.headers().contains_key(hyper::header::UPGRADE);
         if upgrade {
             let endpoint = match pick(None, req.headers()) {
-                Ok(e) => e,
+                Ok((e, _)) => e,
                 Err(why) => {
                     let resp = no_endpoint(&mut tags, why);
                     return self.finish(tags, started, resp, &c, &line, req_len);
@@ -1339,18 +1385,24 @@ impl Proxy {
         let deadline = timeout.map(|t| started + t);
         let one_request_per_connection =
             pool.as_ref().and_then(|p| p.max_requests_per_connection) == Some(1);
-        let rebuild = |uri: Uri| {
+        let rebuild = |uri: Uri, h2: bool, multiplexed: bool| {
             let mut b = Request::builder()
                 .method(parts.method.clone())
                 .uri(uri)
-                .version(if use_h2 {
+                .version(if h2 {
                     hyper::Version::HTTP_2
                 } else {
                     hyper::Version::HTTP_11
                 });
             if let Some(h) = b.headers_mut() {
                 *h = parts.headers.clone();
-                if use_h2 {
+                if multiplexed {
+                    // The peer sidecar restores HTTP/1.1, Host included.
+                    h.insert(
+                        ORIG_PROTO,
+                        hyper::header::HeaderValue::from_static("HTTP/1.1"),
+                    );
+                } else if h2 {
                     h.remove(hyper::header::HOST);
                 } else if one_request_per_connection {
                     // maxRequestsPerConnection: 1 — the upstream connection is not reused.
@@ -1366,7 +1418,7 @@ impl Proxy {
         let mut last: Option<SocketAddr> = None;
         let mut _slots = Vec::new();
         loop {
-            let endpoint = match pick(last, &parts.headers) {
+            let (endpoint, sidecar) = match pick(last, &parts.headers) {
                 Ok(e) => e,
                 Err(why) => {
                     let resp = no_endpoint(&mut tags, why);
@@ -1374,6 +1426,20 @@ impl Proxy {
                 }
             };
             tags.endpoint = Some(endpoint);
+            // HTTP/1.1 to a port another sidecar captures travels over a shared HTTP/2
+            // connection (unless the DestinationRule asks for a connection per request).
+            let multiplexed = sidecar
+                && !use_h2
+                && self.cfg.multiplex_peers
+                && !one_request_per_connection
+                && c.dir != Direction::Inbound;
+            let known = if multiplexed {
+                self.peer(endpoint)
+            } else {
+                Peer::Unknown
+            };
+            let multiplexed = multiplexed && !matches!(known, Peer::NotHttp2(_));
+            let h2 = use_h2 || multiplexed;
             let uri: Uri = match format!("http://{endpoint}{pq}").parse() {
                 Ok(u) => u,
                 Err(_) => {
@@ -1386,10 +1452,10 @@ impl Proxy {
                 (c.dir != Direction::Inbound).then(|| Inflight::enter(&self.inflight, endpoint));
             let sent = match (&buffered, body.take()) {
                 (Some(bytes), _) => {
-                    let r = rebuild(uri).body(Full::new(bytes.clone()));
+                    let r = rebuild(uri, h2, multiplexed).body(Full::new(bytes.clone()));
                     let client = match settings {
-                        Some(s) => pooled(&self.custom.buffered, s, use_h2),
-                        None if use_h2 => self.h2_out_buf.clone(),
+                        Some(s) => pooled(&self.custom.buffered, s, h2),
+                        None if h2 => self.h2_out_buf.clone(),
                         None => self.h1_out_buf.clone(),
                     };
                     match r {
@@ -1402,7 +1468,7 @@ impl Proxy {
                     }
                 }
                 (None, Some(b)) => {
-                    let client = match (c.dir, use_h2, settings) {
+                    let client = match (c.dir, h2, settings) {
                         (Direction::Outbound | Direction::Gateway, h2, Some(s)) => {
                             pooled(&self.custom.streaming, s, h2)
                         }
@@ -1415,7 +1481,7 @@ impl Proxy {
                         (Direction::Inbound, false, _) => self.h1_in.clone(),
                         (Direction::Inbound, true, _) => self.h2_in.clone(),
                     };
-                    match rebuild(uri).body(b) {
+                    match rebuild(uri, h2, multiplexed).body(b) {
                         Ok(r) => Box::pin(async move { client.request(r).await }),
                         Err(_) => {
                             let resp = full(StatusCode::BAD_REQUEST, "bad request");
@@ -1437,6 +1503,28 @@ impl Proxy {
                 Some(l) => tokio::time::timeout(l, sent).await.ok(),
                 None => Some(sent.await),
             };
+            // An endpoint labelled as having a sidecar that has never answered a multiplexed
+            // request and fails one (not by refusing the connection): taken as not speaking
+            // HTTP/2 after all (the port is not captured, or an HTTP/1-only server answered the
+            // preface). It gets HTTP/1.1 from now on, and an idempotent request whose body was
+            // kept goes again at once.
+            if multiplexed && known == Peer::Unknown {
+                match &result {
+                    Some(Ok(_)) => self.learn(endpoint, Peer::Proven),
+                    Some(Err(e)) if !e.is_connect() => {
+                        self.learn(
+                            endpoint,
+                            Peer::NotHttp2(Instant::now() + Duration::from_secs(600)),
+                        );
+                        self.metrics.event(service_name, "peer_not_http2");
+                        warn!(%endpoint, service = %service_name, error = %e, "endpoint labelled as having a sidecar failed its first HTTP/2 request: sending it HTTP/1.1 from now on");
+                        if idempotent && buffered.is_some() {
+                            continue;
+                        }
+                    }
+                    _ => {}
+                }
+            }
             let overall_expired = deadline.is_some_and(|d| Instant::now() >= d);
             let (outcome, resp) = match result {
                 None if overall_expired => {
@@ -1550,6 +1638,10 @@ impl Proxy {
             let resp = match resp {
                 Ok(mut r) => {
                     strip_hop_by_hop(r.headers_mut());
+                    if !h2_down {
+                        // Multiplexed or upgraded upstream: the client still speaks HTTP/1.
+                        *r.version_mut() = hyper::Version::HTTP_11;
+                    }
                     if exhausted {
                         flagged(&mut tags, "URX");
                     }
@@ -1614,7 +1706,7 @@ impl Proxy {
                 SocketAddr::from(([127, 0, 0, 1], 0)),
                 SocketAddr::from(([0, 0, 0, 0], port)),
             );
-            let Ok(endpoint) = self.pick_endpoint(
+            let Ok((endpoint, _)) = self.pick_endpoint(
                 &conn,
                 snap,
                 &svc,
@@ -1661,7 +1753,7 @@ impl Proxy {
         service: &crate::discovery::Service,
         (port, subset, avoid): (u16, Option<&str>, Option<SocketAddr>),
         header: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<SocketAddr, &'static str> {
+    ) -> Result<(SocketAddr, bool), &'static str> {
         use crate::routing::LoadBalancer;
         let rule = snap.routes.rule(&service.hostname);
         let outlier = rule.as_ref().and_then(|r| r.resilience(subset, port).1);
@@ -1711,7 +1803,7 @@ impl Proxy {
             }
         };
         let i = match &lb {
-            LoadBalancer::Passthrough => return Ok(c.orig),
+            LoadBalancer::Passthrough => return Ok((c.orig, false)),
             LoadBalancer::RoundRobin => self.rr.fetch_add(1, Ordering::Relaxed) % eps.len(),
             LoadBalancer::Random => roll() as usize % eps.len(),
             LoadBalancer::LeastRequest => {
@@ -1739,7 +1831,7 @@ impl Proxy {
             })),
             LoadBalancer::HashSourceIp => hash(Some(c.peer.ip().to_string())),
         };
-        Ok(eps[i].addr)
+        Ok((eps[i].addr, eps[i].sidecar))
     }
 
     /// HTTP/1.1 Upgrade (websocket): forward the handshake on a fresh connection, then relay bytes.

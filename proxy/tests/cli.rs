@@ -40,6 +40,11 @@ fn bad_settings_exit_64_naming_them() {
             "--outbound-traffic-policy",
         ),
         (&["--concurrency", "lots"], &[], "--concurrency"),
+        (
+            &[],
+            &[("FERRY_MULTIPLEX_PEERS", "maybe")],
+            "--multiplex-peers",
+        ),
         (&["--admin-addr", "0.0.0.0:15000"], &[], "loopback only"),
         (
             &[],

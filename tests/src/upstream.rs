@@ -34,14 +34,19 @@ async fn handle(
         .unwrap_or_default();
     let version = format!("{:?}", req.version());
     // Hop-by-hop headers as they arrived (a proxy must not forward them).
-    let hop: serde_json::Map<String, serde_json::Value> =
-        ["connection", "keep-alive", "x-hop", "te"]
-            .iter()
-            .filter_map(|k| {
-                let v = req.headers().get(*k)?.to_str().ok()?;
-                Some((k.to_string(), serde_json::Value::from(v)))
-            })
-            .collect();
+    let hop: serde_json::Map<String, serde_json::Value> = [
+        "connection",
+        "keep-alive",
+        "x-hop",
+        "te",
+        "x-ferry-orig-proto",
+    ]
+    .iter()
+    .filter_map(|k| {
+        let v = req.headers().get(*k)?.to_str().ok()?;
+        Some((k.to_string(), serde_json::Value::from(v)))
+    })
+    .collect();
     if path == "/ws" {
         // Minimal upgrade handshake, then echo bytes.
         let mut req = req;
@@ -143,6 +148,55 @@ pub async fn http_on(ip: &str, name: &str) -> SocketAddr {
     let a = l.local_addr().expect("addr");
     tokio::spawn(serve_http(l, name.to_owned()));
     a
+}
+
+/// An HTTP/1.1-only upstream on `ip` (an app without a sidecar in front): anything else, such as
+/// an HTTP/2 connection preface, gets an error reply.
+pub async fn http1_only_on(ip: &str, name: &str) -> SocketAddr {
+    let l = TcpListener::bind(format!("{ip}:0")).await.expect("bind");
+    let a = l.local_addr().expect("addr");
+    let name = name.to_owned();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, peer)) = l.accept().await else {
+                continue;
+            };
+            let name = name.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| handle(name.clone(), peer, req));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    a
+}
+
+/// A TCP relay on `ip` to `target` that counts the connections it accepted (to see how many
+/// connections a proxy opened to a destination).
+pub async fn counting_relay(
+    ip: &str,
+    target: SocketAddr,
+) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let l = TcpListener::bind(format!("{ip}:0")).await.expect("bind");
+    let a = l.local_addr().expect("addr");
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = count.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut down, _)) = l.accept().await else {
+                continue;
+            };
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                if let Ok(mut up) = tokio::net::TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                }
+            });
+        }
+    });
+    (a, count)
 }
 
 /// Echo server: echoes until the client half-closes, then writes "bye" and closes.

@@ -325,6 +325,38 @@ fn lab_runs_the_mesh_like_a_cluster() {
         assert_eq!(count("v2"), split_v2 + 100, "v2 requests counted");
         assert_eq!(count("v1"), 1000 - split_v2 + 101, "v1 requests counted");
 
+        // HTTP/1.1 between the sidecars is multiplexed over HTTP/2: twenty client connections
+        // at once reach v2's sidecar over the connection its peer already has (a new one at
+        // most), and the app still gets HTTP/1.1, without ferry's marker.
+        let v2 = first_with_prefix(&canary, "app-v2-");
+        let endpoints = exec_stdout(lab, &client, "canary", Some("istio-proxy"), &["ferry-proxy", "config", "endpoints"]).await;
+        let v2_ip = canary[&v2]["status"]["podIP"].as_str().expect("v2 IP");
+        assert!(
+            endpoints.lines().any(|l| l.starts_with(&format!("{v2_ip}:")) && l.trim_end().ends_with("yes")),
+            "v2 is known to have a sidecar: {endpoints}"
+        );
+        let counter = |pod: String, name: &'static str| async move {
+            let m = exec_stdout(lab, &pod, "canary", Some("istio-proxy"), &["ferry-lab", "http", "http://127.0.0.1:15090/stats/prometheus"]).await;
+            m.lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("{name} in {pod}: {m}"))
+        };
+        let inbound = "ferry_proxy_inbound_connections_total ";
+        let outbound = "ferry_proxy_outbound_connections_total ";
+        let (v2_in, client_out) = (counter(v2.clone(), inbound).await, counter(client.clone(), outbound).await);
+        let burst = exec_stdout(lab, &client, "canary", None, &["ferry-lab", "http", "http://app/", "-n", "200", "-c", "20", "-H", "end-user: jason", "--json"]).await;
+        let burst: Value = serde_json::from_str(burst.trim()).expect("tally json");
+        assert_eq!((burst["ok"].as_u64(), burst["errors"].as_u64()), (Some(200), Some(0)), "{burst}");
+        let opened_by_client = counter(client.clone(), outbound).await - client_out;
+        let reached_v2 = counter(v2.clone(), inbound).await - v2_in;
+        assert!(opened_by_client >= 20, "the client opened {opened_by_client} connections");
+        assert!(reached_v2 <= 1, "{opened_by_client} client connections became {reached_v2} new connections at v2's sidecar");
+        let answer = exec_stdout(lab, &client, "canary", None, &["ferry-lab", "http", "http://app/h1", "-H", "end-user: jason"]).await;
+        let v: Value = serde_json::from_str(answer.trim()).expect("echo json");
+        assert_eq!((v["version"].as_str(), v["protocol"].as_str()), (Some("v2"), Some("HTTP/1.1")), "{answer}");
+        assert_eq!(v["host"], "app", "{answer}");
+        assert!(v["headers"].get("x-ferry-orig-proto").is_none(), "{answer}");
+
         // A Job-like pod (restartPolicy Never) in the mesh: its one request goes through the
         // sidecar, and when the app container is done the native sidecar stops too, so the Pod
         // completes instead of running forever.

@@ -103,7 +103,9 @@ pub fn haproxy_conf(phase: Phase) -> String {
 pub fn registry(t: &Topology) -> Vec<Value> {
     let pod = |name: &str, ip: &str, app: &str| {
         json!({"apiVersion": "v1", "kind": "Pod",
-               "metadata": {"name": name, "namespace": NAMESPACE, "labels": {"app": app, "version": "v1"}},
+               "metadata": {"name": name, "namespace": NAMESPACE, "labels": {"app": app, "version": "v1",
+                   // What injection adds: both pods have a sidecar.
+                   "security.istio.io/tlsMode": "istio"}},
                "spec": {"containers": [{"name": "app", "image": "bench"}]},
                "status": {"podIP": ip, "phase": "Running"}})
     };
