@@ -865,9 +865,18 @@ impl Proxy {
         let svc = hyper::service::service_fn(move |req| {
             let this = this.clone();
             let c = conn.clone();
-            async move { Ok::<_, Infallible>(this.route(c, req).await) }
+            // Boxed: the routing future is a few KiB, and hyper moves the future it is given
+            // (into its dispatcher, or into a task per HTTP/2 stream) with a copy each time.
+            let routed = Box::pin(async move { this.route(c, req).await });
+            async move { Ok::<_, Infallible>(routed.await) }
         });
-        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        if c.dir != Direction::Gateway {
+            // No cap on concurrent HTTP/2 streams in a pod (as Envoy's sidecars): a peer
+            // sidecar multiplexes all its clients' requests onto one connection, and hyper's
+            // default of 200 would queue the 201st long poll behind the others.
+            builder.http2().max_concurrent_streams(None);
+        }
         let served = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
         tokio::pin!(served);
         let mut draining = self.draining.clone();
@@ -1432,6 +1441,7 @@ impl Proxy {
                 && !use_h2
                 && self.cfg.multiplex_peers
                 && !one_request_per_connection
+                && parts.method != hyper::Method::CONNECT
                 && c.dir != Direction::Inbound;
             let known = if multiplexed {
                 self.peer(endpoint)

@@ -19,12 +19,38 @@ fn full(s: impl Into<Bytes>) -> Body {
     Full::new(s.into()).boxed()
 }
 
+/// Requests in flight at one server, for `/gate/N`.
+type InFlight = std::sync::Arc<std::sync::atomic::AtomicUsize>;
+
 async fn handle(
     name: String,
     peer: SocketAddr,
+    in_flight: InFlight,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_owned();
+    // `/gate/N`: answered once N requests are in flight at this server at the same time (503
+    // after 10 s otherwise), to show that N concurrent requests really reached it concurrently.
+    if let Some(n) = path
+        .strip_prefix("/gate/")
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        use std::sync::atomic::Ordering::SeqCst;
+        in_flight.fetch_add(1, SeqCst);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while in_flight.load(SeqCst) < n && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let seen = in_flight.load(SeqCst);
+        // Leave only after everyone has seen the gate open.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        in_flight.fetch_sub(1, SeqCst);
+        let mut r = Response::new(full(format!("{seen} of {n} in flight")));
+        if seen < n {
+            *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        }
+        return Ok(r);
+    }
     let host = req
         .headers()
         .get("host")
@@ -122,13 +148,17 @@ fn futures_lite_iter(
 
 /// Serve HTTP (h1 and h2c prior knowledge) on an already bound listener forever.
 pub async fn serve_http(listener: TcpListener, name: String) {
+    let in_flight = InFlight::default();
     loop {
         let Ok((s, peer)) = listener.accept().await else {
             continue;
         };
         let name = name.clone();
+        let in_flight = in_flight.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| handle(name.clone(), peer, req));
+            let svc = hyper::service::service_fn(move |req| {
+                handle(name.clone(), peer, in_flight.clone(), req)
+            });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection_with_upgrades(TokioIo::new(s), svc)
                 .await;
@@ -156,14 +186,18 @@ pub async fn http1_only_on(ip: &str, name: &str) -> SocketAddr {
     let l = TcpListener::bind(format!("{ip}:0")).await.expect("bind");
     let a = l.local_addr().expect("addr");
     let name = name.to_owned();
+    let in_flight = InFlight::default();
     tokio::spawn(async move {
         loop {
             let Ok((s, peer)) = l.accept().await else {
                 continue;
             };
             let name = name.clone();
+            let in_flight = in_flight.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| handle(name.clone(), peer, req));
+                let svc = hyper::service::service_fn(move |req| {
+                    handle(name.clone(), peer, in_flight.clone(), req)
+                });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(s), svc)
                     .await;

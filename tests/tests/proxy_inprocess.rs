@@ -737,12 +737,23 @@ async fn http1_between_sidecars_shares_one_http2_connection_and_the_app_gets_htt
         1,
         "five concurrent client connections shared one connection to the peer sidecar"
     );
+    // More concurrent requests than hyper's default stream limit (200) share the connection
+    // at once: none waits for another to finish (the app sees all of them in flight together).
+    let out = local(client.running.addrs.outbound);
+    let tasks: Vec<_> = (0..250)
+        .map(|_| tokio::spawn(async move { get(out, "/gate/250", "reviews:9080").await }))
+        .collect();
+    for t in tasks {
+        let (code, body) = t.await.expect("request task");
+        assert_eq!(code, 200, "{body}");
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
     let m = server.running.metrics.encode();
     assert!(
         m.lines().any(|l| l.starts_with("istio_requests_total{")
             && l.contains("reporter=\"destination\"")
             && l.contains("request_protocol=\"http\"")
-            && l.ends_with(" 5")),
+            && l.ends_with(" 255")),
         "the peer counts the requests as HTTP/1.1: {m}"
     );
 
