@@ -148,6 +148,11 @@ fn futures_lite_iter(
 
 /// Serve HTTP (h1 and h2c prior knowledge) on an already bound listener forever.
 pub async fn serve_http(listener: TcpListener, name: String) {
+    serve(listener, name, false).await
+}
+
+/// Serve HTTP/1.1 only (`h1_only`) or HTTP/1.1 and h2c on `listener` forever.
+async fn serve(listener: TcpListener, name: String, h1_only: bool) {
     let in_flight = InFlight::default();
     loop {
         let Ok((s, peer)) = listener.accept().await else {
@@ -159,9 +164,18 @@ pub async fn serve_http(listener: TcpListener, name: String) {
             let svc = hyper::service::service_fn(move |req| {
                 handle(name.clone(), peer, in_flight.clone(), req)
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection_with_upgrades(TokioIo::new(s), svc)
-                .await;
+            let io = TokioIo::new(s);
+            let _ = if h1_only {
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, svc)
+                    .await
+                    .map_err(|e| e.to_string())
+            } else {
+                hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(io, svc)
+                    .await
+                    .map_err(|e| e.to_string())
+            };
         });
     }
 }
@@ -185,25 +199,7 @@ pub async fn http_on(ip: &str, name: &str) -> SocketAddr {
 pub async fn http1_only_on(ip: &str, name: &str) -> SocketAddr {
     let l = TcpListener::bind(format!("{ip}:0")).await.expect("bind");
     let a = l.local_addr().expect("addr");
-    let name = name.to_owned();
-    let in_flight = InFlight::default();
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, peer)) = l.accept().await else {
-                continue;
-            };
-            let name = name.clone();
-            let in_flight = in_flight.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
-                    handle(name.clone(), peer, in_flight.clone(), req)
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
+    tokio::spawn(serve(l, name.to_owned(), true));
     a
 }
 

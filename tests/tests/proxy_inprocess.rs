@@ -140,12 +140,7 @@ async fn http1_keepalive_host_routing_and_errors() {
     )
     .await;
     let out = local(p.running.addrs.outbound);
-    for _ in 0..50 {
-        if p.running.readiness.check().is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    ready(&p).await;
     let s = TcpStream::connect(out).await.expect("connect");
     let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
         .await

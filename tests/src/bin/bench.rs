@@ -128,6 +128,14 @@ fn run(args: Args) -> Result<ExitCode, String> {
         let stamp = bench::topo::run(&["date", "-u", "+%Y%m%dT%H%M%SZ"]).unwrap_or_default();
         PathBuf::from("target/bench").join(stamp.trim())
     });
+    // Absolute: nginx and HAProxy get paths under it while running with another prefix.
+    let out = match std::path::absolute(&out) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("ferry-bench: --out {}: {e}", out.display());
+            return Ok(ExitCode::from(2));
+        }
+    };
     let opts = Opts {
         paths: args.paths.clone(),
         scenarios,
