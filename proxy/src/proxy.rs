@@ -16,7 +16,6 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -26,6 +25,7 @@ use crate::coalesce::Coalesce;
 use crate::config::{Config, OutboundPolicy};
 use crate::detect::{self, Detected};
 use crate::discovery::{Protocol, SERVER_FIRST_PORTS, Snapshot, Target};
+use crate::h2pool::H2Pool;
 use crate::metrics::{Labels, Metrics};
 use crate::resilience;
 use crate::transport::{self, OrigDst};
@@ -50,18 +50,17 @@ impl Direction {
     }
 }
 
-/// Connects the pooled HTTP clients to an endpoint named by the request URI's authority.
+/// Connects the pooled HTTP/1.1 clients to an endpoint named by the request URI's authority
+/// (HTTP/2 goes through [`H2Pool`], keyed by endpoint).
 #[derive(Clone)]
 pub struct Connector {
     inbound: bool,
-    /// HTTP/2 pools: coalesce writes (see [`Coalesce`]).
-    h2: bool,
     timeout: Duration,
     keepalive: Option<Duration>,
 }
 
 impl tower_service::Service<Uri> for Connector {
-    type Response = TokioIo<Coalesce<TcpStream>>;
+    type Response = TokioIo<TcpStream>;
     type Error = std::io::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -70,8 +69,7 @@ impl tower_service::Service<Uri> for Connector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let (inbound, h2, timeout, keepalive) =
-            (self.inbound, self.h2, self.timeout, self.keepalive);
+        let (inbound, timeout, keepalive) = (self.inbound, self.timeout, self.keepalive);
         Box::pin(async move {
             let addr: SocketAddr = uri
                 .authority()
@@ -83,14 +81,8 @@ impl tower_service::Service<Uri> for Connector {
                 let _ = socket2::SockRef::from(&s)
                     .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(k));
             }
-            Ok(TokioIo::new(Coalesce::new(s, h2)))
+            Ok(TokioIo::new(s))
         })
-    }
-}
-
-impl Connection for Coalesce<TcpStream> {
-    fn connected(&self) -> Connected {
-        self.get_ref().connected()
     }
 }
 
@@ -144,12 +136,12 @@ pub struct Proxy {
     /// What multiplexed requests taught about endpoints labelled as having a sidecar.
     peers: std::sync::Mutex<std::collections::HashMap<SocketAddr, Peer>>,
     h1_out: Client<Connector, Incoming>,
-    h2_out: Client<Connector, Incoming>,
+    h2_out: H2Pool<Incoming>,
     h1_in: Client<Connector, Incoming>,
-    h2_in: Client<Connector, Incoming>,
+    h2_in: H2Pool<Incoming>,
     /// Buffered-body clients, for requests that may be retried.
     h1_out_buf: Client<Connector, Full<Bytes>>,
-    h2_out_buf: Client<Connector, Full<Bytes>>,
+    h2_out_buf: H2Pool<Full<Bytes>>,
     breakers: crate::resilience::Breakers,
     pub outliers: crate::resilience::Outliers,
     custom: CustomClients,
@@ -170,20 +162,19 @@ const RELAY_BUFFER: usize = 16 * 1024;
 /// anyway (the HTTP server then applies its own limits). Long on purpose: see `handle`.
 const DECLARED_HTTP_FIRST_BYTES: Duration = Duration::from_secs(3600);
 
-fn client<B>(inbound: bool, h2: bool) -> Client<Connector, B>
+fn client<B>(inbound: bool) -> Client<Connector, B>
 where
     B: hyper::body::Body + Send + 'static + Unpin,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    client_with(inbound, h2, (None, None, None))
+    client_with(inbound, (None, None, None))
 }
 
 /// A client pool with a DestinationRule's connection settings (connect timeout, idle timeout,
 /// TCP keepalive); unset ones keep the defaults.
 fn client_with<B>(
     inbound: bool,
-    h2: bool,
     (connect, idle, keepalive): (Option<Duration>, Option<Duration>, Option<Duration>),
 ) -> Client<Connector, B>
 where
@@ -194,12 +185,8 @@ where
     let mut b = Client::builder(TokioExecutor::new());
     b.pool_idle_timeout(idle.unwrap_or(Duration::from_secs(60)))
         .pool_max_idle_per_host(64);
-    if h2 {
-        b.http2_only(true);
-    }
     b.build(Connector {
         inbound,
-        h2,
         timeout: connect.unwrap_or(CONNECT_TIMEOUT),
         keepalive,
     })
@@ -207,18 +194,21 @@ where
 
 type Settings = (Option<Duration>, Option<Duration>, Option<Duration>);
 
-/// Client pools keyed by connection settings and HTTP/2.
-type Pools<B> = std::sync::Mutex<std::collections::HashMap<(Settings, bool), Client<Connector, B>>>;
+/// Client pools keyed by connection settings.
+type Pools<B> = std::sync::Mutex<std::collections::HashMap<Settings, Client<Connector, B>>>;
+type H2Pools<B> = std::sync::Mutex<std::collections::HashMap<Settings, Arc<H2Pool<B>>>>;
 
 /// Client pools for destinations whose DestinationRule sets connection settings.
 #[derive(Default)]
 struct CustomClients {
     streaming: Pools<Incoming>,
     buffered: Pools<Full<Bytes>>,
+    h2_streaming: H2Pools<Incoming>,
+    h2_buffered: H2Pools<Full<Bytes>>,
 }
 
-/// The outbound client of `pools` for these settings, created on first use.
-fn pooled<B>(pools: &Pools<B>, settings: Settings, h2: bool) -> Client<Connector, B>
+/// The outbound HTTP/1.1 client of `pools` for these settings, created on first use.
+fn pooled<B>(pools: &Pools<B>, settings: Settings) -> Client<Connector, B>
 where
     B: hyper::body::Body + Send + 'static + Unpin,
     B::Data: Send,
@@ -227,9 +217,68 @@ where
     pools
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .entry((settings, h2))
-        .or_insert_with(|| client_with(false, h2, settings))
+        .entry(settings)
+        .or_insert_with(|| client_with(false, settings))
         .clone()
+}
+
+/// The outbound HTTP/2 pool of `pools` for these settings (connect timeout and TCP keepalive;
+/// HTTP/2 connections are kept while open), created on first use.
+fn pooled_h2<B>(pools: &H2Pools<B>, (connect, _idle, keepalive): Settings) -> Arc<H2Pool<B>>
+where
+    B: hyper::body::Body + Send + 'static + Unpin,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    pools
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry((connect, _idle, keepalive))
+        .or_insert_with(|| {
+            Arc::new(H2Pool::new(
+                false,
+                connect.unwrap_or(CONNECT_TIMEOUT),
+                keepalive,
+            ))
+        })
+        .clone()
+}
+
+/// A failed upstream attempt, from the HTTP/1.1 pools or an HTTP/2 one.
+#[derive(Debug)]
+enum UpstreamError {
+    Pooled(hyper_util::client::legacy::Error),
+    H2(crate::h2pool::Error),
+}
+
+impl UpstreamError {
+    fn is_connect(&self) -> bool {
+        match self {
+            UpstreamError::Pooled(e) => e.is_connect(),
+            UpstreamError::H2(e) => e.is_connect(),
+        }
+    }
+
+    fn timed_out(&self) -> bool {
+        match self {
+            UpstreamError::Pooled(e) => {
+                std::error::Error::source(e)
+                    .and_then(|s| s.downcast_ref::<std::io::Error>())
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+                    || format!("{e:?}").contains("TimedOut")
+            }
+            UpstreamError::H2(e) => e.is_timeout(),
+        }
+    }
+}
+
+impl std::fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamError::Pooled(e) => e.fmt(f),
+            UpstreamError::H2(e) => e.fmt(f),
+        }
+    }
 }
 
 /// What a proxy learnt of an endpoint labelled as having a sidecar (see `ORIG_PROTO`).
@@ -362,12 +411,12 @@ impl Proxy {
             rr: AtomicUsize::new(0),
             inflight: std::sync::Mutex::new(std::collections::HashMap::new()),
             peers: std::sync::Mutex::new(std::collections::HashMap::new()),
-            h1_out: client(false, false),
-            h2_out: client(false, true),
-            h1_in: client(true, false),
-            h2_in: client(true, true),
-            h1_out_buf: client(false, false),
-            h2_out_buf: client(false, true),
+            h1_out: client(false),
+            h2_out: H2Pool::new(false, CONNECT_TIMEOUT, None),
+            h1_in: client(true),
+            h2_in: H2Pool::new(true, CONNECT_TIMEOUT, None),
+            h1_out_buf: client(false),
+            h2_out_buf: H2Pool::new(false, CONNECT_TIMEOUT, None),
             breakers: crate::resilience::Breakers::default(),
             outliers: crate::resilience::Outliers::default(),
             custom: CustomClients::default(),
@@ -1405,14 +1454,16 @@ impl Proxy {
                 });
             if let Some(h) = b.headers_mut() {
                 *h = parts.headers.clone();
-                if multiplexed {
-                    // The peer sidecar restores HTTP/1.1, Host included.
-                    h.insert(
-                        ORIG_PROTO,
-                        hyper::header::HeaderValue::from_static("HTTP/1.1"),
-                    );
-                } else if h2 {
+                if h2 {
+                    // The URI's authority is the request's (`:authority`).
                     h.remove(hyper::header::HOST);
+                    if multiplexed {
+                        // The peer sidecar restores HTTP/1.1, Host included.
+                        h.insert(
+                            ORIG_PROTO,
+                            hyper::header::HeaderValue::from_static("HTTP/1.1"),
+                        );
+                    }
                 } else if one_request_per_connection {
                     // maxRequestsPerConnection: 1 — the upstream connection is not reused.
                     h.insert(
@@ -1450,7 +1501,18 @@ impl Proxy {
             };
             let multiplexed = multiplexed && !matches!(known, Peer::NotHttp2(_));
             let h2 = use_h2 || multiplexed;
-            let uri: Uri = match format!("http://{endpoint}{pq}").parse() {
+            // HTTP/1.1 pools connect to the URI's authority: the endpoint. HTTP/2 goes to the
+            // endpoint through `H2Pool` and the URI keeps the request's authority.
+            let authority = parts
+                .headers
+                .get(hyper::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .filter(|_| h2);
+            let uri = match authority {
+                Some(a) => format!("http://{a}{pq}").parse::<Uri>().ok(),
+                None => None,
+            };
+            let uri: Uri = match uri.map_or_else(|| format!("http://{endpoint}{pq}").parse(), Ok) {
                 Ok(u) => u,
                 Err(_) => {
                     let resp = full(StatusCode::BAD_REQUEST, "bad request target");
@@ -1462,40 +1524,64 @@ impl Proxy {
                 (c.dir != Direction::Inbound).then(|| Inflight::enter(&self.inflight, endpoint));
             let sent = match (&buffered, body.take()) {
                 (Some(bytes), _) => {
-                    let r = rebuild(uri, h2, multiplexed).body(Full::new(bytes.clone()));
-                    let client = match settings {
-                        Some(s) => pooled(&self.custom.buffered, s, h2),
-                        None if h2 => self.h2_out_buf.clone(),
-                        None => self.h1_out_buf.clone(),
+                    let Ok(r) = rebuild(uri, h2, multiplexed).body(Full::new(bytes.clone())) else {
+                        let resp = full(StatusCode::BAD_REQUEST, "bad request");
+                        return self.finish(tags, started, resp, &c, &line, req_len);
                     };
-                    match r {
-                        Ok(r) => Box::pin(async move { client.request(r).await })
-                            as Pin<Box<dyn Future<Output = _> + Send + '_>>,
-                        Err(_) => {
-                            let resp = full(StatusCode::BAD_REQUEST, "bad request");
-                            return self.finish(tags, started, resp, &c, &line, req_len);
+                    match (h2, settings) {
+                        (true, Some(s)) => {
+                            let pool = pooled_h2(&self.custom.h2_buffered, s);
+                            Box::pin(async move {
+                                pool.send(endpoint, r).await.map_err(UpstreamError::H2)
+                            })
+                                as Pin<Box<dyn Future<Output = _> + Send + '_>>
+                        }
+                        (true, None) => Box::pin(async move {
+                            self.h2_out_buf
+                                .send(endpoint, r)
+                                .await
+                                .map_err(UpstreamError::H2)
+                        }),
+                        (false, s) => {
+                            let client = match s {
+                                Some(s) => pooled(&self.custom.buffered, s),
+                                None => self.h1_out_buf.clone(),
+                            };
+                            Box::pin(async move {
+                                client.request(r).await.map_err(UpstreamError::Pooled)
+                            })
                         }
                     }
                 }
                 (None, Some(b)) => {
-                    let client = match (c.dir, h2, settings) {
-                        (Direction::Outbound | Direction::Gateway, h2, Some(s)) => {
-                            pooled(&self.custom.streaming, s, h2)
-                        }
-                        (Direction::Outbound | Direction::Gateway, false, None) => {
-                            self.h1_out.clone()
-                        }
-                        (Direction::Outbound | Direction::Gateway, true, None) => {
-                            self.h2_out.clone()
-                        }
-                        (Direction::Inbound, false, _) => self.h1_in.clone(),
-                        (Direction::Inbound, true, _) => self.h2_in.clone(),
+                    let Ok(r) = rebuild(uri, h2, multiplexed).body(b) else {
+                        let resp = full(StatusCode::BAD_REQUEST, "bad request");
+                        return self.finish(tags, started, resp, &c, &line, req_len);
                     };
-                    match rebuild(uri, h2, multiplexed).body(b) {
-                        Ok(r) => Box::pin(async move { client.request(r).await }),
-                        Err(_) => {
-                            let resp = full(StatusCode::BAD_REQUEST, "bad request");
-                            return self.finish(tags, started, resp, &c, &line, req_len);
+                    let outbound = c.dir != Direction::Inbound;
+                    match (h2, settings.filter(|_| outbound)) {
+                        (true, Some(s)) => {
+                            let pool = pooled_h2(&self.custom.h2_streaming, s);
+                            Box::pin(async move {
+                                pool.send(endpoint, r).await.map_err(UpstreamError::H2)
+                            })
+                                as Pin<Box<dyn Future<Output = _> + Send + '_>>
+                        }
+                        (true, None) => {
+                            let pool = if outbound { &self.h2_out } else { &self.h2_in };
+                            Box::pin(async move {
+                                pool.send(endpoint, r).await.map_err(UpstreamError::H2)
+                            })
+                        }
+                        (false, s) => {
+                            let client = match (outbound, s) {
+                                (_, Some(s)) => pooled(&self.custom.streaming, s),
+                                (true, None) => self.h1_out.clone(),
+                                (false, None) => self.h1_in.clone(),
+                            };
+                            Box::pin(async move {
+                                client.request(r).await.map_err(UpstreamError::Pooled)
+                            })
                         }
                     }
                 }
@@ -1563,10 +1649,7 @@ impl Proxy {
                     )
                 }
                 Some(Err(e)) => {
-                    let timed_out = std::error::Error::source(&e)
-                        .and_then(|s| s.downcast_ref::<std::io::Error>())
-                        .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
-                        || format!("{e:?}").contains("TimedOut");
+                    let timed_out = e.timed_out();
                     debug!(error = ?e, %endpoint, "upstream request failed");
                     if timed_out {
                         (

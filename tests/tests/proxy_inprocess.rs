@@ -288,6 +288,10 @@ async fn http2_trailers_and_websocket_upgrade() {
     );
     let body: serde_json::Value = serde_json::from_slice(&collected.to_bytes()).expect("json");
     assert_eq!(body["version"], "HTTP/2.0", "HTTP/2 end to end");
+    assert_eq!(
+        body["host"], "svc",
+        "the request's :authority, not the endpoint's address"
+    );
     let m = p.running.metrics.encode();
     assert!(m.contains("request_protocol=\"grpc\""), "{m}");
 
