@@ -148,6 +148,9 @@ pub struct Proxy {
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Upstream connections unused for this long are closed (a DestinationRule's
+/// `connectionPool.http.idleTimeout` replaces it).
+const POOL_IDLE: Duration = Duration::from_secs(60);
 /// Marks an HTTP/1.1 request that a sidecar sends to a peer sidecar over HTTP/2 (as
 /// linkerd2-proxy's `l5d-orig-proto`): many client connections share one coalesced connection
 /// between the sidecars, and the peer gives the app HTTP/1.1 again. Removed from anything else.
@@ -183,7 +186,7 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut b = Client::builder(TokioExecutor::new());
-    b.pool_idle_timeout(idle.unwrap_or(Duration::from_secs(60)))
+    b.pool_idle_timeout(idle.unwrap_or(POOL_IDLE))
         .pool_max_idle_per_host(64);
     b.build(Connector {
         inbound,
@@ -222,9 +225,9 @@ where
         .clone()
 }
 
-/// The outbound HTTP/2 pool of `pools` for these settings (connect timeout and TCP keepalive;
-/// HTTP/2 connections are kept while open), created on first use.
-fn pooled_h2<B>(pools: &H2Pools<B>, (connect, _idle, keepalive): Settings) -> Arc<H2Pool<B>>
+/// The outbound HTTP/2 pool of `pools` for these settings (connect timeout, TCP keepalive,
+/// idle timeout), created on first use.
+fn pooled_h2<B>(pools: &H2Pools<B>, (connect, idle, keepalive): Settings) -> Arc<H2Pool<B>>
 where
     B: hyper::body::Body + Send + 'static + Unpin,
     B::Data: Send,
@@ -233,12 +236,13 @@ where
     pools
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .entry((connect, _idle, keepalive))
+        .entry((connect, idle, keepalive))
         .or_insert_with(|| {
             Arc::new(H2Pool::new(
                 false,
                 connect.unwrap_or(CONNECT_TIMEOUT),
                 keepalive,
+                idle.unwrap_or(POOL_IDLE),
             ))
         })
         .clone()
@@ -412,11 +416,11 @@ impl Proxy {
             inflight: std::sync::Mutex::new(std::collections::HashMap::new()),
             peers: std::sync::Mutex::new(std::collections::HashMap::new()),
             h1_out: client(false),
-            h2_out: H2Pool::new(false, CONNECT_TIMEOUT, None),
+            h2_out: H2Pool::new(false, CONNECT_TIMEOUT, None, POOL_IDLE),
             h1_in: client(true),
-            h2_in: H2Pool::new(true, CONNECT_TIMEOUT, None),
+            h2_in: H2Pool::new(true, CONNECT_TIMEOUT, None, POOL_IDLE),
             h1_out_buf: client(false),
-            h2_out_buf: H2Pool::new(false, CONNECT_TIMEOUT, None),
+            h2_out_buf: H2Pool::new(false, CONNECT_TIMEOUT, None, POOL_IDLE),
             breakers: crate::resilience::Breakers::default(),
             outliers: crate::resilience::Outliers::default(),
             custom: CustomClients::default(),
