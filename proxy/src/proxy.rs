@@ -210,42 +210,34 @@ struct CustomClients {
     h2_buffered: H2Pools<Full<Bytes>>,
 }
 
-/// The outbound HTTP/1.1 client of `pools` for these settings, created on first use.
-fn pooled<B>(pools: &Pools<B>, settings: Settings) -> Client<Connector, B>
-where
-    B: hyper::body::Body + Send + 'static + Unpin,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+/// The client of `pools` for these settings, made on first use.
+fn pooled<V: Clone>(
+    pools: &std::sync::Mutex<std::collections::HashMap<Settings, V>>,
+    settings: Settings,
+    make: impl FnOnce() -> V,
+) -> V {
     pools
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .entry(settings)
-        .or_insert_with(|| client_with(false, settings))
+        .or_insert_with(make)
         .clone()
 }
 
-/// The outbound HTTP/2 pool of `pools` for these settings (connect timeout, TCP keepalive,
-/// idle timeout), created on first use.
-fn pooled_h2<B>(pools: &H2Pools<B>, (connect, idle, keepalive): Settings) -> Arc<H2Pool<B>>
+/// An outbound HTTP/2 pool for a DestinationRule's settings (connect timeout, idle timeout,
+/// TCP keepalive).
+fn h2_pool<B>((connect, idle, keepalive): Settings) -> Arc<H2Pool<B>>
 where
     B: hyper::body::Body + Send + 'static + Unpin,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    pools
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .entry((connect, idle, keepalive))
-        .or_insert_with(|| {
-            Arc::new(H2Pool::new(
-                false,
-                connect.unwrap_or(CONNECT_TIMEOUT),
-                keepalive,
-                idle.unwrap_or(POOL_IDLE),
-            ))
-        })
-        .clone()
+    Arc::new(H2Pool::new(
+        false,
+        connect.unwrap_or(CONNECT_TIMEOUT),
+        keepalive,
+        idle.unwrap_or(POOL_IDLE),
+    ))
 }
 
 /// A failed upstream attempt, from the HTTP/1.1 pools or an HTTP/2 one.
@@ -1534,7 +1526,7 @@ impl Proxy {
                     };
                     match (h2, settings) {
                         (true, Some(s)) => {
-                            let pool = pooled_h2(&self.custom.h2_buffered, s);
+                            let pool = pooled(&self.custom.h2_buffered, s, || h2_pool(s));
                             Box::pin(async move {
                                 pool.send(endpoint, r).await.map_err(UpstreamError::H2)
                             })
@@ -1548,7 +1540,9 @@ impl Proxy {
                         }),
                         (false, s) => {
                             let client = match s {
-                                Some(s) => pooled(&self.custom.buffered, s),
+                                Some(s) => {
+                                    pooled(&self.custom.buffered, s, || client_with(false, s))
+                                }
                                 None => self.h1_out_buf.clone(),
                             };
                             Box::pin(async move {
@@ -1565,7 +1559,7 @@ impl Proxy {
                     let outbound = c.dir != Direction::Inbound;
                     match (h2, settings.filter(|_| outbound)) {
                         (true, Some(s)) => {
-                            let pool = pooled_h2(&self.custom.h2_streaming, s);
+                            let pool = pooled(&self.custom.h2_streaming, s, || h2_pool(s));
                             Box::pin(async move {
                                 pool.send(endpoint, r).await.map_err(UpstreamError::H2)
                             })
@@ -1579,7 +1573,9 @@ impl Proxy {
                         }
                         (false, s) => {
                             let client = match (outbound, s) {
-                                (_, Some(s)) => pooled(&self.custom.streaming, s),
+                                (_, Some(s)) => {
+                                    pooled(&self.custom.streaming, s, || client_with(false, s))
+                                }
                                 (true, None) => self.h1_out.clone(),
                                 (false, None) => self.h1_in.clone(),
                             };
