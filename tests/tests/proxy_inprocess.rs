@@ -676,7 +676,7 @@ async fn request_labels_follow_a_configuration_change_on_a_kept_alive_connection
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The registry of `registry` plus the endpoint's pod at `pod_ip`, labelled the way injection
+/// `registry` with one endpoint, plus that endpoint's pod, labelled the way injection
 /// labels a pod with a sidecar.
 fn registry_with_sidecar_pod(service_ip: &str, endpoint: SocketAddr) -> String {
     format!(
