@@ -1206,8 +1206,7 @@ impl Proxy {
             }
         }
         let mut h2_down = req.version() == hyper::Version::HTTP_2;
-        if req.headers().contains_key(ORIG_PROTO) {
-            req.headers_mut().remove(ORIG_PROTO);
+        if req.headers_mut().remove(ORIG_PROTO).is_some() {
             // Only a peer sidecar's marker counts: inbound, on HTTP/2.
             if h2_down && c.dir == Direction::Inbound {
                 *req.version_mut() = hyper::Version::HTTP_11;

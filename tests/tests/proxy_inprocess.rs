@@ -612,12 +612,7 @@ async fn request_labels_follow_a_configuration_change_on_a_kept_alive_connection
         OutboundPolicy::RegistryOnly,
     )
     .await;
-    for _ in 0..50 {
-        if p.running.readiness.check().is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    ready(&p).await;
     let s = TcpStream::connect(local(p.running.addrs.outbound))
         .await
         .expect("connect");
