@@ -29,6 +29,7 @@ pub mod k8s;
 pub mod metrics;
 pub mod os;
 pub mod proxy;
+pub mod relay;
 pub mod resilience;
 pub mod routing;
 pub mod transport;

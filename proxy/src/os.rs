@@ -4,10 +4,63 @@
 //! - giving freed memory back after a configuration rebuild. The binary's allocator (mimalloc)
 //!   returns freed pages to the OS lazily, during later allocations; an idle sidecar makes
 //!   none, so the transient peak of compiling a large table (a 1,000-rule VirtualService:
-//!   about 10 MiB) stayed resident until traffic came.
+//!   about 10 MiB) stayed resident until traffic came;
+//! - `pipe2` and `splice` for the zero-copy TCP relay ([`crate::relay`]).
 #![allow(unsafe_code)]
 
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
 use crate::config::Scheduling;
+
+/// A non-blocking, close-on-exec pipe: (read end, write end).
+pub fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [-1 as libc::c_int; 2];
+    // SAFETY: `fds` is a valid array of two c_ints that pipe2 fills on success; the flags are
+    // plain constants.
+    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: on success both descriptors are open and owned by nobody else; each OwnedFd
+    // closes its own exactly once.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// A pipe's capacity in bytes (F_GETPIPE_SZ).
+pub fn pipe_capacity(fd: BorrowedFd<'_>) -> std::io::Result<usize> {
+    // SAFETY: the descriptor is borrowed, so open; F_GETPIPE_SZ takes no argument and
+    // touches no memory of ours.
+    let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETPIPE_SZ) };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Move up to `len` bytes from `from` to `to` without copying them through user space (one of
+/// the two must be a pipe). Never blocks on the pipe (SPLICE_F_NONBLOCK); the sockets are
+/// non-blocking already. `Ok(0)` from a socket is end of stream.
+pub fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> std::io::Result<usize> {
+    // SAFETY: both descriptors are borrowed, so open for the whole call; null offsets mean
+    // "the descriptor's own position", which splice requires for pipes and sockets; no other
+    // memory of ours is passed.
+    let n = unsafe {
+        libc::splice(
+            from.as_raw_fd(),
+            std::ptr::null_mut(),
+            to.as_raw_fd(),
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
 
 /// Apply `policy` to the calling thread (and so to every thread it creates later).
 pub fn set_scheduling(policy: Scheduling) -> std::io::Result<()> {

@@ -27,6 +27,7 @@ use crate::detect::{self, Detected};
 use crate::discovery::{Protocol, SERVER_FIRST_PORTS, Snapshot, Target};
 use crate::h2pool::H2Pool;
 use crate::metrics::{Labels, Metrics};
+use crate::relay;
 use crate::resilience;
 use crate::transport::{self, OrigDst};
 
@@ -155,12 +156,6 @@ const POOL_IDLE: Duration = Duration::from_secs(60);
 /// linkerd2-proxy's `l5d-orig-proto`): many client connections share one coalesced connection
 /// between the sidecars, and the peer gives the app HTTP/1.1 again. Removed from anything else.
 const ORIG_PROTO: &str = "x-ferry-orig-proto";
-/// Relay buffer per direction of an opaque TCP connection, held for the connection's life.
-/// tokio's default (8 KiB) costs a read and a write per 8 KiB on bulk transfers; measured
-/// through two sidecars (README): 16 KiB gave 6.1-6.5 Gbit/s, 64 KiB 6.5-7.8, within noise of
-/// each other, so 16 KiB: 32 KiB per relayed connection instead of 128 (a pod with a thousand
-/// idle database connections keeps 31 MiB of buffers, not 125).
-const RELAY_BUFFER: usize = 16 * 1024;
 /// How long a connection to a declared-HTTP port may stay silent before it is served as HTTP
 /// anyway (the HTTP server then applies its own limits). Long on purpose: see `handle`.
 const DECLARED_HTTP_FIRST_BYTES: Duration = Duration::from_secs(3600);
@@ -830,7 +825,7 @@ impl Proxy {
     async fn relay_tcp(
         &self,
         c: Conn,
-        mut down: TcpStream,
+        down: TcpStream,
         snap: Arc<Snapshot>,
         target: Target,
         subset: Option<&str>,
@@ -861,23 +856,17 @@ impl Proxy {
         let source = (c.dir == Direction::Inbound).then(|| transport::inbound_source(&upstream));
         let started = Instant::now();
         match transport::connect(upstream, source, CONNECT_TIMEOUT).await {
-            Ok(mut up) => {
-                // copy_bidirectional shuts down each write side when its read side ends, so a
-                // half-close travels through and the other direction keeps flowing.
-                let (sent_up, sent_down) = match tokio::io::copy_bidirectional_with_sizes(
-                    &mut down,
-                    &mut up,
-                    RELAY_BUFFER,
-                    RELAY_BUFFER,
-                )
-                .await
-                {
-                    Ok(x) => x,
-                    Err(e) => {
-                        debug!(error = %e, "TCP relay ended with an error");
-                        (0, 0)
-                    }
-                };
+            Ok(up) => {
+                let relay::Relayed {
+                    to_upstream: sent_up,
+                    to_downstream: sent_down,
+                    error,
+                    spliced,
+                } = relay::relay(&down, &up, relay::Mode::Splice).await;
+                match error {
+                    Some(e) => debug!(error = %e, spliced, "TCP relay ended with an error"),
+                    None => debug!(spliced, "TCP relay ended"),
+                }
                 self.metrics
                     .tcp_received
                     .get_or_create(&labels)
