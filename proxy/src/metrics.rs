@@ -53,6 +53,16 @@ pub struct Metrics {
     pub resilience: Family<EventLabels, Counter>,
     /// Gateway servers not served because their certificate material is missing or bad.
     pub gateway_server_errors: Gauge,
+    /// Directions of finished opaque TCP relays, by how their bytes moved
+    /// (`crate::relay::How`): `copy_no_pipe` says the zero-copy path was wanted and not had.
+    pub tcp_relay_directions: Family<RelayLabels, Counter>,
+}
+
+/// Labels of a finished TCP relay direction.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RelayLabels {
+    /// copy, splice, copy_no_pipe
+    pub mode: &'static str,
 }
 
 /// Labels of a resilience event.
@@ -180,8 +190,16 @@ impl Metrics {
             "Gateway servers left out of the current configuration (missing or bad certificate material)",
             gateway_server_errors.clone(),
         );
+        let tcp_relay_directions = Family::<RelayLabels, Counter>::default();
+        ferry.register(
+            "tcp_relay_directions",
+            "Directions of finished opaque TCP relays: copy (through a buffer), splice (a bulk \
+             transfer moved to a pipe), copy_no_pipe (a bulk transfer that could not have a pipe)",
+            tcp_relay_directions.clone(),
+        );
         Metrics {
             gateway_server_errors,
+            tcp_relay_directions,
             resilience,
             registry: root,
             requests,

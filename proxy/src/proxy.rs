@@ -26,7 +26,7 @@ use crate::config::{Config, OutboundPolicy};
 use crate::detect::{self, Detected};
 use crate::discovery::{Protocol, SERVER_FIRST_PORTS, Snapshot, Target};
 use crate::h2pool::H2Pool;
-use crate::metrics::{Labels, Metrics};
+use crate::metrics::{Labels, Metrics, RelayLabels};
 use crate::relay;
 use crate::resilience;
 use crate::transport::{self, OrigDst};
@@ -861,11 +861,18 @@ impl Proxy {
                     to_upstream: sent_up,
                     to_downstream: sent_down,
                     error,
-                    spliced,
+                    moved,
                 } = relay::relay(&down, &up, relay::Mode::Splice).await;
+                let moved = moved.map(relay::How::as_str);
+                for mode in moved {
+                    self.metrics
+                        .tcp_relay_directions
+                        .get_or_create(&RelayLabels { mode })
+                        .inc();
+                }
                 match error {
-                    Some(e) => debug!(error = %e, spliced, "TCP relay ended with an error"),
-                    None => debug!(spliced, "TCP relay ended"),
+                    Some(e) => debug!(error = %e, ?moved, "TCP relay ended with an error"),
+                    None => debug!(?moved, "TCP relay ended"),
                 }
                 self.metrics
                     .tcp_received

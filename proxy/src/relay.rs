@@ -49,8 +49,30 @@ pub struct Relayed {
     pub to_downstream: u64,
     /// Why the relay stopped before both sides finished, if it did.
     pub error: Option<io::Error>,
-    /// Whether a direction moved to a pipe.
-    pub spliced: bool,
+    /// How each direction (to the upstream, to the downstream) moved its bytes.
+    pub moved: [How; 2],
+}
+
+/// How one direction moved its bytes, for `ferry_proxy_tcp_relay_directions_total{mode}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum How {
+    /// Through its buffer: never a bulk transfer (or [`Mode::Buffered`]).
+    Copy,
+    /// Moved to a pipe.
+    Splice,
+    /// A bulk transfer that could not have a pipe (out of descriptors, or the pipe budget of
+    /// `fs.pipe-user-pages-soft` used up): copied through its buffer instead.
+    CopyNoPipe,
+}
+
+impl How {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            How::Copy => "copy",
+            How::Splice => "splice",
+            How::CopyNoPipe => "copy_no_pipe",
+        }
+    }
 }
 
 /// Relay between `down` and `up` until both directions end (or one fails).
@@ -66,23 +88,40 @@ pub async fn relay(down: &TcpStream, up: &TcpStream, mode: Mode) -> Relayed {
         to_upstream,
         to_downstream,
         error: result.err(),
-        spliced: matches!(a, Stage::Pipe { .. }) || matches!(b, Stage::Pipe { .. }),
+        moved: [a.how(), b.how()],
     }
 }
 
 /// Where one direction's bytes wait between the read and the write.
 enum Stage {
-    Pipe {
-        read: OwnedFd,
-        write: OwnedFd,
-    },
-    /// The buffer, and whether it may still move to a pipe.
-    Buffer(Box<[u8]>, bool),
+    Pipe { read: OwnedFd, write: OwnedFd },
+    Buffer(Box<[u8]>, Next),
+}
+
+/// What a buffered direction does when it sees a bulk transfer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Next {
+    TryPipe,
+    Stay,
+    /// It tried, and no pipe could be had.
+    NoPipe,
 }
 
 impl Stage {
     fn new(mode: Mode) -> Stage {
-        Stage::Buffer(vec![0; BUFFER].into_boxed_slice(), mode == Mode::Splice)
+        let next = match mode {
+            Mode::Splice => Next::TryPipe,
+            Mode::Buffered => Next::Stay,
+        };
+        Stage::Buffer(vec![0; BUFFER].into_boxed_slice(), next)
+    }
+
+    fn how(&self) -> How {
+        match self {
+            Stage::Pipe { .. } => How::Splice,
+            Stage::Buffer(_, Next::NoPipe) => How::CopyNoPipe,
+            Stage::Buffer(..) => How::Copy,
+        }
     }
 
     /// Take what `src` has (up to the stage's capacity); `Ok(0)` is end of stream. The stage
@@ -109,13 +148,13 @@ impl Stage {
     /// After a read of `n` bytes has been written out: a full buffer means a bulk transfer,
     /// which moves to a pipe (once; a direction that cannot have one keeps its buffer).
     fn settle(&mut self, n: usize) {
-        let Stage::Buffer(buf, may_move) = self else {
+        let Stage::Buffer(buf, next) = self else {
             return;
         };
-        if !*may_move || n < buf.len() {
+        if *next != Next::TryPipe || n < buf.len() {
             return;
         }
-        *may_move = false;
+        *next = Next::NoPipe;
         match os::pipe().and_then(|(read, write)| {
             let capacity = os::pipe_capacity(read.as_fd())?;
             Ok((read, write, capacity))
@@ -236,7 +275,11 @@ mod tests {
         assert!(done.error.is_none(), "{:?}", done.error);
         assert_eq!(done.to_upstream, 8 << 20);
         assert_eq!(done.to_downstream, 3 << 20);
-        assert_eq!(done.spliced, mode == Mode::Splice);
+        let how = match mode {
+            Mode::Splice => How::Splice,
+            Mode::Buffered => How::Copy,
+        };
+        assert_eq!(done.moved, [how, how]);
     }
 
     #[test]
@@ -244,15 +287,12 @@ mod tests {
         // Otherwise the splice test below would quietly test the buffered path twice.
         let mut s = Stage::new(Mode::Splice);
         s.settle(BUFFER - 1);
-        assert!(
-            matches!(s, Stage::Buffer(_, true)),
-            "a short read is not bulk"
-        );
+        assert_eq!(s.how(), How::Copy, "a short read is not bulk");
         s.settle(BUFFER);
-        assert!(matches!(s, Stage::Pipe { .. }));
+        assert_eq!(s.how(), How::Splice);
         let mut b = Stage::new(Mode::Buffered);
         b.settle(BUFFER);
-        assert!(matches!(b, Stage::Buffer(_, false)));
+        assert_eq!(b.how(), How::Copy);
     }
 
     #[tokio::test]
@@ -299,7 +339,12 @@ mod tests {
                 (5, 1 << 20),
                 "{mode:?}"
             );
-            assert_eq!(done.spliced, mode == Mode::Splice);
+            // Only the downstream direction was a bulk one.
+            let bulk = match mode {
+                Mode::Splice => How::Splice,
+                Mode::Buffered => How::Copy,
+            };
+            assert_eq!(done.moved, [How::Copy, bulk], "{mode:?}");
             // The client sees the end, not a hang.
             let mut rest = Vec::new();
             let _ = client.read_to_end(&mut rest).await;

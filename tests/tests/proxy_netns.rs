@@ -449,6 +449,40 @@ async fn protocols_config_changes_and_drain_through_both_sidecars() {
             Ok(all) if all == b"\x00binary\xffbye" => {}
             other => f.push(format!("tcp half-close: {other:?}")),
         }
+        // Bulk opaque TCP, where each sidecar's relay moves to splice(2): 4 MiB each way at
+        // once, every byte back in order, then the half-close.
+        let bulk = async {
+            let s = tokio::net::TcpStream::connect(SocketAddr::new(vip, 9000))
+                .await
+                .map_err(|e| e.to_string())?;
+            let (mut r, mut w) = s.into_split();
+            let data: Vec<u8> = (0..4usize << 20).map(|i| (i % 251) as u8).collect();
+            let sent = data.clone();
+            let writer = tokio::spawn(async move {
+                w.write_all(&sent).await?;
+                w.shutdown().await
+            });
+            let mut all = Vec::new();
+            r.read_to_end(&mut all).await.map_err(|e| e.to_string())?;
+            writer
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((all, data))
+        };
+        match tokio::time::timeout(Duration::from_secs(60), bulk).await {
+            Ok(Ok((all, mut data))) => {
+                data.extend_from_slice(b"bye");
+                if all != data {
+                    f.push(format!(
+                        "tcp bulk: {} bytes back of {}, or out of order",
+                        all.len(),
+                        data.len()
+                    ));
+                }
+            }
+            other => f.push(format!("tcp bulk: {other:?}")),
+        }
         // Server-first protocols answer without the client saying anything.
         for (addr, what) in [
             (SocketAddr::new(vip, 3306), "declared mysql port"),
@@ -472,6 +506,35 @@ async fn protocols_config_changes_and_drain_through_both_sidecars() {
         }
         f
     });
+    // The bulk transfer took the zero-copy path at both sidecars, both ways (the relay says so
+    // in its metrics; a pipe that could not be had would show as copy_no_pipe).
+    for (ns, side) in [(&p.pod, "client"), (&p.peer, "server")] {
+        match netcheck(
+            p,
+            ns,
+            1000,
+            &["http", "127.0.0.1:15090", "/stats/prometheus", "x"],
+        ) {
+            Ok(text) => {
+                let spliced = text
+                    .lines()
+                    .find_map(|l| {
+                        l.strip_prefix("ferry_proxy_tcp_relay_directions_total{mode=\"splice\"} ")
+                    })
+                    .and_then(|v| v.trim().parse::<u64>().ok());
+                if spliced.is_none_or(|n| n < 2) {
+                    failures.push(format!(
+                        "{side} sidecar: bulk TCP not spliced both ways ({spliced:?}): {}",
+                        text.lines()
+                            .filter(|l| l.contains("tcp_relay"))
+                            .collect::<Vec<_>>()
+                            .join(" | ")
+                    ));
+                }
+            }
+            Err(e) => failures.push(format!("{side} metrics: {e}")),
+        }
+    }
 
     // A configuration change during a long-lived connection: the connection survives.
     let dir = m.dir.clone();
