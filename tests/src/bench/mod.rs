@@ -7,6 +7,7 @@
 //! sidecars on the other, so "max throughput" is what one shared core sustains — a CPU
 //! efficiency measure more than raw speed.
 
+pub mod flame;
 pub mod parse;
 pub mod peers;
 pub mod report;
@@ -110,6 +111,10 @@ pub struct Opts {
     pub netcheck: PathBuf,
     pub scheduling: String,
     pub plot: Option<PathBuf>,
+    /// Scenarios to profile after the measured runs: one more run each through ferry under
+    /// `perf record`, drawn as `flame-<scenario>.svg` (its numbers are not reported: perf
+    /// slows the sidecars down).
+    pub flamegraph: Vec<Scenario>,
 }
 
 /// One measurement.
@@ -199,7 +204,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Record>, String> {
                     opts.repeat,
                     scenario.name()
                 );
-                let r = one(opts, &t, &api, &cars, scenario, path, run);
+                let r = one(opts, &t, &api, &cars, scenario, path, run, None);
                 eprintln!("    {}", report::line(&r));
                 records.push(r);
                 let json = serde_json::to_string_pretty(&records).map_err(|e| e.to_string())?;
@@ -207,12 +212,92 @@ pub fn run(opts: &Opts) -> Result<Vec<Record>, String> {
             }
         }
     }
+    for &scenario in &opts.flamegraph {
+        eprintln!(
+            "[profile] {} via ferry under perf (not in the table) ...",
+            scenario.name()
+        );
+        let base = opts.out.join(format!("flame-{}", scenario.name()));
+        let r = one(opts, &t, &api, &cars, scenario, "ferry", 0, Some(&base));
+        match &r.failed {
+            Some(e) => eprintln!("    no profile: {e}"),
+            None => eprintln!("    {}", base.with_extension("svg").display()),
+        }
+    }
     drop(api);
     drop(t);
     Ok(records)
 }
 
+/// `perf record` of the sidecar processes, from `start` until `finish`.
+struct Perf {
+    child: std::process::Child,
+    data: PathBuf,
+}
+
+impl Perf {
+    /// Sample both sidecars' stacks (DWARF unwinding: the release build keeps no frame
+    /// pointers, its .eh_frame is enough).
+    fn start(pids: &[u32], data: PathBuf) -> Result<Perf, String> {
+        if pids.is_empty() {
+            return Err("no sidecar processes to profile".into());
+        }
+        let list = pids
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let child = std::process::Command::new("perf")
+            .args(["record", "-q", "-e", "cpu-clock", "-F", "499"])
+            .args(["--call-graph", "dwarf,16384", "-p", &list, "-o"])
+            .arg(&data)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("perf: {e} (install linux-perf)"))?;
+        Ok(Perf { child, data })
+    }
+
+    /// Stop recording (SIGINT: perf writes its file and exits) and fold the samples.
+    fn finish(self) -> Result<flame::Folded, String> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        let out = self.child.wait_with_output().map_err(|e| e.to_string())?;
+        // perf writes its file, then re-raises the signal that stopped it.
+        let stopped = std::os::unix::process::ExitStatusExt::signal(&out.status)
+            == Some(nix::sys::signal::Signal::SIGINT as i32);
+        if !out.status.success() && !stopped {
+            return Err(format!(
+                "perf record: {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let script = std::process::Command::new("perf")
+            .args(["script", "-F", "comm,pid,tid,time,event,ip,sym,dso", "-i"])
+            .arg(&self.data)
+            .output()
+            .map_err(|e| format!("perf script: {e}"))?;
+        // The raw samples are large (a 16 KiB stack copy each); the folded stacks are kept.
+        let _ = std::fs::remove_file(&self.data);
+        if !script.status.success() {
+            return Err(format!(
+                "perf script: {}",
+                String::from_utf8_lossy(&script.stderr).trim()
+            ));
+        }
+        let folded = flame::fold(&String::from_utf8_lossy(&script.stdout));
+        if folded.is_empty() {
+            return Err("perf recorded no samples".into());
+        }
+        Ok(folded)
+    }
+}
+
 /// One scenario on one path: capture on, sidecars up, idle sample, warm-up, measured load.
+/// With `profile`, the sidecars are recorded with perf during the measured load and the flame
+/// graph written to `<profile>.svg` (and `.folded`).
+#[allow(clippy::too_many_arguments)]
 fn one(
     opts: &Opts,
     t: &Topology,
@@ -221,6 +306,7 @@ fn one(
     scenario: Scenario,
     path: &str,
     run: usize,
+    profile: Option<&std::path::Path>,
 ) -> Record {
     let mut rec = Record {
         scenario,
@@ -281,9 +367,29 @@ fn one(
         let before = (path == "ferry")
             .then(|| peers::metric(&t.client_ns, cars, "ferry_proxy_config_version"))
             .flatten();
+        let perf = match profile {
+            Some(base) => {
+                let pids: Vec<u32> = topo::proxy_procs(&names).iter().map(|p| p.pid).collect();
+                Some(Perf::start(&pids, base.with_extension("perf.data"))?)
+            }
+            None => None,
+        };
         let sampler = Sampler::start(netns.clone());
         let measured = measure(opts, t, &load, scenario, opts.duration, &raw.join(&tag));
         rec.usage = sampler.finish();
+        if let (Some(perf), Some(base)) = (perf, profile) {
+            let folded = perf.finish()?;
+            let title = format!(
+                "ferry sidecars (client and server pod), {}: {} s under perf (cpu-clock, 499 Hz)",
+                scenario.name(),
+                opts.duration
+            );
+            let write = |ext: &str, text: String| {
+                std::fs::write(base.with_extension(ext), text).map_err(|e| e.to_string())
+            };
+            write("folded", flame::folded_text(&folded))?;
+            write("svg", flame::svg(&folded, &title))?;
+        }
         if let Some(c) = churn {
             let applied = c.stop();
             let after = peers::metric(&t.client_ns, cars, "ferry_proxy_config_version");

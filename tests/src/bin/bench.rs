@@ -66,6 +66,12 @@ struct Args {
     /// Python script that draws plot.png from results.json [default: tests/bench/plot.py]
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Scenarios to profile: after the measured runs, each runs once more through ferry with
+    /// both sidecars under `perf record` (needs perf: Debian's linux-perf), written as
+    /// flame-<scenario>.svg and .folded (flamegraph.pl/inferno/speedscope input). Not in the
+    /// table: perf slows the sidecars down
+    #[arg(long, value_delimiter = ',')]
+    flamegraph: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -85,11 +91,13 @@ fn run(args: Args) -> Result<ExitCode, String> {
             "needs root (network namespaces, iptables, running sidecars as uid 1337)".into(),
         );
     }
-    let scenarios = args
-        .scenarios
-        .iter()
-        .map(|s| Scenario::parse(s).ok_or_else(|| format!("unknown scenario {s:?}")))
-        .collect::<Result<Vec<_>, _>>()?;
+    let scenarios = |names: &[String]| {
+        names
+            .iter()
+            .map(|s| Scenario::parse(s).ok_or_else(|| format!("unknown scenario {s:?}")))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let (flamegraph, scenarios) = (scenarios(&args.flamegraph)?, scenarios(&args.scenarios)?);
     for p in &args.paths {
         if !matches!(p.as_str(), "direct" | "ferry" | "nginx" | "haproxy") {
             return Err(format!(
@@ -114,13 +122,16 @@ fn run(args: Args) -> Result<ExitCode, String> {
     if args.paths.iter().any(|p| p == "haproxy") {
         tools.push("haproxy");
     }
+    if !flamegraph.is_empty() {
+        tools.push("perf");
+    }
     let missing: Vec<&str> = tools
         .into_iter()
         .filter(|t| bench::topo::run(&["sh", "-c", &format!("command -v {t}")]).is_err())
         .collect();
     if !missing.is_empty() {
         return Err(format!(
-            "missing tools: {} (bash tests/bench/run installs them: wrk nghttp2-client iperf3 nginx-light libnginx-mod-stream haproxy iptables iproute2)",
+            "missing tools: {} (bash tests/bench/run installs them: wrk nghttp2-client iperf3 nginx-light libnginx-mod-stream haproxy iptables iproute2, and linux-perf for --flamegraph)",
             missing.join(" ")
         ));
     }
@@ -151,6 +162,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
         netcheck: bin_dir.join("ferry-netcheck"),
         scheduling: args.scheduling,
         plot: args.plot,
+        flamegraph,
     };
     for b in [&opts.proxy, &opts.init, &opts.netcheck] {
         if !b.exists() {
