@@ -1,7 +1,8 @@
 //! The benchmark suite runs end to end: a short `ferry-bench` (one run, one second per cell)
-//! over direct and ferry, HTTP/1.1 at a fixed rate, HTTP/2 max, TCP and config churn. Checks that
-//! every cell measured something and ferry made no errors, never how fast anything was (speed
-//! is the suite's report, not a test's verdict). Root and the load tools; fails under CI=true
+//! over direct and ferry, HTTP/1.1 at a fixed rate, HTTP/2 max, TCP and config churn, and a
+//! flame graph of HTTP/2 max. Checks that every cell measured something, ferry made no errors
+//! and the flame graph holds the sidecars' own frames, never how fast anything was (speed is the
+//! suite's report, not a test's verdict). Root, the load tools and perf; fails under CI=true
 //! without them.
 
 use std::process::Command;
@@ -14,7 +15,7 @@ fn the_suite_measures_every_cell_through_real_sidecars() {
     if !ferry_tests::netns::require_root("the_suite_measures_every_cell_through_real_sidecars") {
         return;
     }
-    let missing: Vec<&str> = ["wrk", "h2load", "iperf3", "nginx"]
+    let missing: Vec<&str> = ["wrk", "h2load", "iperf3", "nginx", "perf"]
         .into_iter()
         .filter(|t| {
             !Command::new("sh")
@@ -44,6 +45,8 @@ fn the_suite_measures_every_cell_through_real_sidecars() {
             "direct,ferry",
             "--scenarios",
             "h1-fixed,h2-max,tcp,config-churn",
+            "--flamegraph",
+            "h2-max",
             // No pinning: a smoke test must not depend on the machine's CPU count.
             "--loadgen-cpus",
             "",
@@ -100,6 +103,23 @@ fn the_suite_measures_every_cell_through_real_sidecars() {
         summary.contains("## Targets") && summary.contains("| h2-max | requests/s |"),
         "{summary}"
     );
+    // The profiled run: folded stacks with the proxy's own code, drawn; perf's raw file removed.
+    let folded = std::fs::read_to_string(out.join("flame-h2-max.folded")).expect("folded stacks");
+    let samples: u64 = folded
+        .lines()
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+        .sum();
+    assert!(
+        samples > 0 && folded.contains("ferry_proxy::"),
+        "{samples} samples, no ferry_proxy frame:\n{}",
+        folded.lines().take(5).collect::<Vec<_>>().join("\n")
+    );
+    let svg = std::fs::read_to_string(out.join("flame-h2-max.svg")).expect("flame graph");
+    assert!(
+        svg.contains(&format!("<title>all ({samples} samples, 100.00%)</title>")),
+        "the graph's root counts every folded sample"
+    );
+    assert!(!out.join("flame-h2-max.perf.data").exists());
     // Nothing of the run is left behind.
     let netns = String::from_utf8_lossy(
         &Command::new("ip")
