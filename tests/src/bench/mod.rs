@@ -274,7 +274,13 @@ impl Perf {
             ));
         }
         let script = std::process::Command::new("perf")
-            .args(["script", "--no-inline", "-F", "comm,pid,tid,time,event,ip,sym,dso", "-i"])
+            .args([
+                "script",
+                "--no-inline",
+                "-F",
+                "comm,pid,tid,time,event,ip,sym,dso",
+                "-i",
+            ])
             .arg(&self.data)
             .output()
             .map_err(|e| format!("perf script: {e}"))?;
