@@ -39,11 +39,26 @@ struct P {
 }
 
 async fn proxy(orig: SocketAddr, dir: Option<PathBuf>, policy: OutboundPolicy) -> P {
+    start(config(dir, policy), orig).await
+}
+
+async fn start(cfg: Config, orig: SocketAddr) -> P {
     let (stop, rx) = tokio::sync::watch::channel(false);
-    let running = app::start(config(dir, policy), OrigDst::Fixed(orig), rx)
+    let running = app::start(cfg, OrigDst::Fixed(orig), rx)
         .await
         .expect("start");
     P { running, stop }
+}
+
+/// A REGISTRY_ONLY proxy whose configuration directory holds `registry` (as registry.yaml),
+/// ready; and that directory.
+async fn proxy_with_registry(name: &str, registry: String, orig: &str) -> (P, PathBuf) {
+    let dir = tmpdir(name);
+    std::fs::write(dir.join("registry.yaml"), registry).expect("write");
+    let orig = orig.parse().expect("addr");
+    let p = proxy(orig, Some(dir.clone()), OutboundPolicy::RegistryOnly).await;
+    ready(&p).await;
+    (p, dir)
 }
 
 fn local(a: SocketAddr) -> SocketAddr {
@@ -126,21 +141,14 @@ async fn opaque_tcp_with_half_close_and_server_first_without_stall() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_keepalive_host_routing_and_errors() {
     let up = upstream::http("reviews-v1").await;
-    let dir = tmpdir("http1");
-    std::fs::write(
-        dir.join("registry.yaml"),
-        registry("10.96.0.20", 9080, &[up], "http"),
-    )
-    .expect("write");
     // The original destination is the ClusterIP; the snapshot maps it to the endpoint.
-    let p = proxy(
-        "10.96.0.20:9080".parse().expect("addr"),
-        Some(dir.clone()),
-        OutboundPolicy::RegistryOnly,
+    let (p, dir) = proxy_with_registry(
+        "http1",
+        registry("10.96.0.20", 9080, &[up], "http"),
+        "10.96.0.20:9080",
     )
     .await;
     let out = local(p.running.addrs.outbound);
-    ready(&p).await;
     let s = TcpStream::connect(out).await.expect("connect");
     let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
         .await
@@ -413,16 +421,9 @@ async fn config_change_keeps_long_lived_connections_and_loops_are_refused() {
     assert_eq!(&b, b"two");
 
     // A connection whose original destination is the proxy's own listener is refused.
-    let (stop, rx) = tokio::sync::watch::channel(false);
     let mut cfg = config(None, OutboundPolicy::AllowAny);
     cfg.ports.outbound = 25001;
-    let looped = app::start(
-        cfg,
-        OrigDst::Fixed("127.0.0.1:25001".parse().expect("addr")),
-        rx,
-    )
-    .await
-    .expect("start");
+    let looped = start(cfg, "127.0.0.1:25001".parse().expect("addr")).await;
     let mut s = TcpStream::connect("127.0.0.1:25001")
         .await
         .expect("connect");
@@ -431,11 +432,12 @@ async fn config_change_keeps_long_lived_connections_and_loops_are_refused() {
     assert!(buf.is_empty(), "closed without a byte");
     assert!(
         looped
+            .running
             .metrics
             .encode()
             .contains("ferry_proxy_loops_refused_total 1")
     );
-    let _ = (p.stop.send(true), stop.send(true));
+    let _ = (p.stop.send(true), looped.stop.send(true));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -716,15 +718,13 @@ async fn http1_between_sidecars_shares_one_http2_connection_and_the_app_gets_htt
     let server = proxy(app, Some(empty.clone()), OutboundPolicy::AllowAny).await;
     let (relay, accepted) =
         upstream::counting_relay("127.0.0.3", local(server.running.addrs.inbound)).await;
-    let dir = tmpdir("mux-client");
-    std::fs::write(
-        dir.join("registry.yaml"),
+    let orig = "10.96.0.40:9080";
+    let (client, dir) = proxy_with_registry(
+        "mux-client",
         registry_with_sidecar_pod("10.96.0.40", relay),
+        orig,
     )
-    .expect("write");
-    let orig: SocketAddr = "10.96.0.40:9080".parse().expect("addr");
-    let client = proxy(orig, Some(dir.clone()), OutboundPolicy::RegistryOnly).await;
-    ready(&client).await;
+    .await;
     five_concurrent(local(client.running.addrs.outbound)).await;
     assert_eq!(
         accepted.load(std::sync::atomic::Ordering::SeqCst),
@@ -752,16 +752,9 @@ async fn http1_between_sidecars_shares_one_http2_connection_and_the_app_gets_htt
     );
 
     // Control: with multiplexing off, each concurrent request needs its own connection.
-    let (stop, rx) = tokio::sync::watch::channel(false);
     let mut cfg = config(Some(dir.clone()), OutboundPolicy::RegistryOnly);
     cfg.multiplex_peers = false;
-    let plain = app::start(cfg, OrigDst::Fixed(orig), rx)
-        .await
-        .expect("start");
-    let plain = P {
-        running: plain,
-        stop,
-    };
+    let plain = start(cfg, orig.parse().expect("addr")).await;
     ready(&plain).await;
     let before = accepted.load(std::sync::atomic::Ordering::SeqCst);
     five_concurrent(local(plain.running.addrs.outbound)).await;
@@ -786,19 +779,12 @@ async fn an_endpoint_labelled_with_a_sidecar_that_only_speaks_http1_still_gets_i
     // Labelled as injected, but nothing captures the port (say, excluded by an annotation the
     // proxy did not see): the HTTP/1.1-only app answers the HTTP/2 preface with an error.
     let app = upstream::http1_only_on("127.0.0.4", "plain").await;
-    let dir = tmpdir("mux-fallback");
-    std::fs::write(
-        dir.join("registry.yaml"),
+    let (p, dir) = proxy_with_registry(
+        "mux-fallback",
         registry_with_sidecar_pod("10.96.0.41", app),
-    )
-    .expect("write");
-    let p = proxy(
-        "10.96.0.41:9080".parse().expect("addr"),
-        Some(dir.clone()),
-        OutboundPolicy::RegistryOnly,
+        "10.96.0.41:9080",
     )
     .await;
-    ready(&p).await;
     let out = local(p.running.addrs.outbound);
     let event = |m: &str| {
         m.lines()

@@ -131,7 +131,12 @@ pub fn svg(f: &Folded, title: &str) -> String {
     );
     if root.samples > 0 {
         let scale = (WIDTH - 20.0) / root.samples as f64;
-        draw(&mut s, "all", &root, 10.0, 0, height, scale, root.samples);
+        let canvas = Canvas {
+            height,
+            scale,
+            total: root.samples,
+        };
+        draw(&mut s, &canvas, "all", &root, 10.0, 0);
     }
     s.push_str("</svg>\n");
     s
@@ -145,17 +150,19 @@ fn max_depth(n: &Node) -> usize {
         .unwrap_or(0)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn draw(
-    s: &mut String,
-    name: &str,
-    n: &Node,
-    x: f64,
-    level: usize,
+/// The drawing's fixed measures: its height, pixels per sample, samples in all.
+struct Canvas {
     height: f64,
     scale: f64,
     total: u64,
-) {
+}
+
+fn draw(s: &mut String, c: &Canvas, name: &str, n: &Node, x: f64, level: usize) {
+    let Canvas {
+        height,
+        scale,
+        total,
+    } = *c;
     let w = n.samples as f64 * scale;
     if w < MIN_WIDTH {
         return;
@@ -176,7 +183,7 @@ fn draw(
     let mut kids: Vec<(&String, &Node)> = n.children.iter().collect();
     kids.sort_by(|a, b| b.1.samples.cmp(&a.1.samples).then(a.0.cmp(b.0)));
     for (child, node) in kids {
-        draw(s, child, node, cx, level + 1, height, scale, total);
+        draw(s, c, child, node, cx, level + 1);
         cx += node.samples as f64 * scale;
     }
 }

@@ -191,6 +191,12 @@ pub fn run(opts: &Opts) -> Result<Vec<Record>, String> {
         kubeconfig,
         scheduling: opts.scheduling.clone(),
     };
+    let rig = Rig {
+        opts,
+        t: &t,
+        api: &api,
+        cars: &cars,
+    };
     let mut records = Vec::new();
     for run in 0..opts.repeat {
         for &scenario in &opts.scenarios {
@@ -204,7 +210,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Record>, String> {
                     opts.repeat,
                     scenario.name()
                 );
-                let r = one(opts, &t, &api, &cars, scenario, path, run, None);
+                let r = one(&rig, scenario, path, run, None);
                 eprintln!("    {}", report::line(&r));
                 records.push(r);
                 let json = serde_json::to_string_pretty(&records).map_err(|e| e.to_string())?;
@@ -218,7 +224,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Record>, String> {
             scenario.name()
         );
         let base = opts.out.join(format!("flame-{}", scenario.name()));
-        let r = one(opts, &t, &api, &cars, scenario, "ferry", 0, Some(&base));
+        let r = one(&rig, scenario, "ferry", 0, Some(&base));
         match &r.failed {
             Some(e) => eprintln!("    no profile: {e}"),
             None => eprintln!("    {}", base.with_extension("svg").display()),
@@ -300,20 +306,26 @@ impl Perf {
     }
 }
 
+/// What every cell runs in: the options, the pods, the API server, the sidecars' settings.
+#[derive(Clone, Copy)]
+struct Rig<'a> {
+    opts: &'a Opts,
+    t: &'a Topology,
+    api: &'a Api,
+    cars: &'a Sidecars,
+}
+
 /// One scenario on one path: capture on, sidecars up, idle sample, warm-up, measured load.
 /// With `profile`, the sidecars are recorded with perf during the measured load and the flame
 /// graph written to `<profile>.svg` (and `.folded`).
-#[allow(clippy::too_many_arguments)]
 fn one(
-    opts: &Opts,
-    t: &Topology,
-    api: &Api,
-    cars: &Sidecars,
+    rig: &Rig<'_>,
     scenario: Scenario,
     path: &str,
     run: usize,
     profile: Option<&std::path::Path>,
 ) -> Record {
+    let Rig { opts, t, api, cars } = *rig;
     let mut rec = Record {
         scenario,
         path: path.to_owned(),
