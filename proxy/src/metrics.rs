@@ -76,6 +76,15 @@ pub struct EventLabels {
 
 type HistFn = fn() -> Histogram;
 
+/// `metric`, registered as `name` in `registry` (which keeps one handle; the caller the other).
+fn registered<M>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M
+where
+    M: prometheus_client::registry::Metric + Clone,
+{
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 impl Metrics {
     pub fn new() -> Metrics {
         let mut root = Registry::default();
@@ -99,103 +108,103 @@ impl Metrics {
                 100000000.0,
             ])
         };
-        let requests = Family::<Labels, Counter>::default();
-        istio.register(
+        let requests = registered(
+            istio,
             "requests",
             "Requests, by Istio's standard labels",
-            requests.clone(),
+            Family::<Labels, Counter>::default(),
         );
-        let duration_ms = Family::<Labels, Histogram>::new_with_constructor(ms);
-        istio.register(
+        let duration_ms = registered(
+            istio,
             "request_duration_milliseconds",
             "Request duration in milliseconds",
-            duration_ms.clone(),
+            Family::<Labels, Histogram>::new_with_constructor(ms),
         );
-        let request_bytes = Family::<Labels, Histogram>::new_with_constructor(bytes);
-        istio.register(
+        let request_bytes = registered(
+            istio,
             "request_bytes",
             "Request body size (from content-length)",
-            request_bytes.clone(),
+            Family::<Labels, Histogram>::new_with_constructor(bytes),
         );
-        let response_bytes = Family::<Labels, Histogram>::new_with_constructor(bytes);
-        istio.register(
+        let response_bytes = registered(
+            istio,
             "response_bytes",
             "Response body size (from content-length)",
-            response_bytes.clone(),
+            Family::<Labels, Histogram>::new_with_constructor(bytes),
         );
-        let tcp_opened = Family::<Labels, Counter>::default();
-        istio.register(
+        let tcp_opened = registered(
+            istio,
             "tcp_connections_opened",
             "TCP connections opened",
-            tcp_opened.clone(),
+            Family::<Labels, Counter>::default(),
         );
-        let tcp_closed = Family::<Labels, Counter>::default();
-        istio.register(
+        let tcp_closed = registered(
+            istio,
             "tcp_connections_closed",
             "TCP connections closed",
-            tcp_closed.clone(),
+            Family::<Labels, Counter>::default(),
         );
-        let tcp_sent = Family::<Labels, Counter>::default();
-        istio.register(
+        let tcp_sent = registered(
+            istio,
             "tcp_sent_bytes",
             "Bytes sent to the client during TCP connections",
-            tcp_sent.clone(),
+            Family::<Labels, Counter>::default(),
         );
-        let tcp_received = Family::<Labels, Counter>::default();
-        istio.register(
+        let tcp_received = registered(
+            istio,
             "tcp_received_bytes",
             "Bytes received from the client during TCP connections",
-            tcp_received.clone(),
+            Family::<Labels, Counter>::default(),
         );
         let ferry = root.sub_registry_with_prefix("ferry_proxy");
-        let config_version = Gauge::default();
-        ferry.register(
+        let config_version = registered(
+            ferry,
             "config_version",
             "Version of the configuration snapshot in use",
-            config_version.clone(),
+            Gauge::default(),
         );
-        let config_rejected = Counter::default();
-        ferry.register(
+        let config_rejected = registered(
+            ferry,
             "config_rejected",
             "Configuration updates refused (the previous snapshot kept serving)",
-            config_rejected.clone(),
+            Counter::default(),
         );
-        let loops_refused = Counter::default();
-        ferry.register(
+        let loops_refused = registered(
+            ferry,
             "loops_refused",
             "Connections refused because their destination was the proxy itself",
-            loops_refused.clone(),
+            Counter::default(),
         );
-        let inbound_connections = Counter::default();
-        ferry.register(
+        let inbound_connections = registered(
+            ferry,
             "inbound_connections",
             "Connections accepted by the inbound listener",
-            inbound_connections.clone(),
+            Counter::default(),
         );
-        let outbound_connections = Counter::default();
-        ferry.register(
+        let outbound_connections = registered(
+            ferry,
             "outbound_connections",
             "Connections accepted by the outbound listener",
-            outbound_connections.clone(),
+            Counter::default(),
         );
-        let resilience = Family::<EventLabels, Counter>::default();
-        ferry.register(
+        let resilience = registered(
+            ferry,
             "upstream_events",
             "Retries, timeouts, circuit-breaker overflows, outlier ejections and injected faults",
-            resilience.clone(),
+            Family::<EventLabels, Counter>::default(),
         );
-        let gateway_server_errors = Gauge::default();
-        ferry.register(
+        let gateway_server_errors = registered(
+            ferry,
             "gateway_server_errors",
             "Gateway servers left out of the current configuration (missing or bad certificate material)",
-            gateway_server_errors.clone(),
+            Gauge::default(),
         );
-        let tcp_relay_directions = Family::<RelayLabels, Counter>::default();
-        ferry.register(
+        let tcp_relay_directions = registered(
+            ferry,
             "tcp_relay_directions",
             "Directions of finished opaque TCP relays: copy (through a buffer), splice (a bulk \
              transfer moved to a pipe), copy_no_pipe (a bulk transfer that could not have a pipe)",
-            tcp_relay_directions.clone(),
+            Family::<RelayLabels, Counter>::default(),
         );
         Metrics {
             gateway_server_errors,

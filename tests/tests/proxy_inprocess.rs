@@ -693,15 +693,25 @@ async fn ready(p: &P) {
     panic!("proxy not ready");
 }
 
-/// Five concurrent HTTP/1.1 requests, each on its own client connection, through `out`: every
-/// one must reach the app as HTTP/1.1 with its Host and without ferry's marker.
-async fn five_concurrent(out: SocketAddr) {
-    let tasks: Vec<_> = (0..5)
-        .map(|_| tokio::spawn(async move { get(out, "/slow/300", "reviews:9080").await }))
+/// `n` concurrent HTTP/1.1 requests for `path` (Host `reviews:9080`), each on its own client
+/// connection, through `out`; each must answer 200. Their bodies.
+async fn concurrent(out: SocketAddr, n: usize, path: &'static str) -> Vec<String> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| tokio::spawn(async move { get(out, path, "reviews:9080").await }))
         .collect();
+    let mut bodies = Vec::new();
     for t in tasks {
         let (code, body) = t.await.expect("request task");
         assert_eq!(code, 200, "{body}");
+        bodies.push(body);
+    }
+    bodies
+}
+
+/// Five concurrent HTTP/1.1 requests, each on its own client connection, through `out`: every
+/// one must reach the app as HTTP/1.1 with its Host and without ferry's marker.
+async fn five_concurrent(out: SocketAddr) {
+    for body in concurrent(out, 5, "/slow/300").await {
         let v: serde_json::Value = serde_json::from_str(&body).expect("json");
         assert_eq!(v["version"], "HTTP/1.1", "the app gets HTTP/1.1: {v}");
         assert_eq!(v["host"], "reviews:9080", "Host preserved: {v}");
@@ -733,14 +743,7 @@ async fn http1_between_sidecars_shares_one_http2_connection_and_the_app_gets_htt
     );
     // More concurrent requests than hyper's default stream limit (200) share the connection
     // at once: none waits for another to finish (the app sees all of them in flight together).
-    let out = local(client.running.addrs.outbound);
-    let tasks: Vec<_> = (0..250)
-        .map(|_| tokio::spawn(async move { get(out, "/gate/250", "reviews:9080").await }))
-        .collect();
-    for t in tasks {
-        let (code, body) = t.await.expect("request task");
-        assert_eq!(code, 200, "{body}");
-    }
+    concurrent(local(client.running.addrs.outbound), 250, "/gate/250").await;
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
     let m = server.running.metrics.encode();
     assert!(
