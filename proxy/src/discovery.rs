@@ -9,8 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::SystemTime;
 
-use k8s_openapi::api::core::v1::{Pod, Service as K8sService};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use crate::k8s_objects::{EndpointSlice, IntOrString, Pod, Service as K8sService};
 use serde_json::Value;
 
 /// Application protocol of a port, as Istio derives it.
@@ -357,12 +356,8 @@ impl Snapshot {
                 .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
                 .filter_map(|p| {
                     let (tp, tpn) = match &p.target_port {
-                        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n)) => {
-                            (u16::try_from(*n).ok(), None)
-                        }
-                        Some(
-                            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(s),
-                        ) => (s.parse().ok(), Some(s.clone())),
+                        Some(IntOrString::Int(n)) => (u16::try_from(*n).ok(), None),
+                        Some(IntOrString::String(s)) => (s.parse().ok(), Some(s.clone())),
                         None => (None, None),
                     };
                     Some(ServicePort {
@@ -397,7 +392,7 @@ impl Snapshot {
                     let Some(port) = slice_port.or(sp.target_port) else {
                         continue;
                     };
-                    for ep in &slice.endpoints {
+                    for ep in slice.endpoints.iter().flatten() {
                         // Ready, or serving while terminating (graceful shutdown), as kube-proxy does.
                         let c = ep.conditions.clone().unwrap_or_default();
                         if c.ready == Some(false) && c.serving != Some(true) {

@@ -7,8 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{Pod, Secret, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -23,58 +21,55 @@ pub const ISTIO_KINDS: &[&str] = &["VirtualService", "DestinationRule", "Gateway
 /// One watched kind: its store, and whether its initial list completed.
 pub struct Watched {
     pub kind: String,
-    read: Box<dyn Fn() -> Vec<Value> + Send + Sync>,
+    store: Store<DynamicObject>,
+    api_version: String,
     pub synced: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Watched {
+    /// The kind's objects as JSON, each with its `kind` and `apiVersion` (list items may lack
+    /// them; the snapshot dispatches on kind).
     pub fn objects(&self) -> Vec<Value> {
-        (self.read)()
+        self.store
+            .state()
+            .iter()
+            .filter_map(|o| {
+                let mut v = serde_json::to_value(o.as_ref()).ok()?;
+                if let Some(m) = v.as_object_mut() {
+                    m.entry("kind")
+                        .or_insert_with(|| Value::String(self.kind.clone()));
+                    m.entry("apiVersion")
+                        .or_insert_with(|| Value::String(self.api_version.clone()));
+                }
+                Some(v)
+            })
+            .collect()
     }
 }
 
-fn to_values<K: serde::Serialize + Clone + kube::Resource + 'static>(
-    store: &Store<K>,
-    kind: &str,
-    api_version: &str,
-) -> Vec<Value>
-where
-    K::DynamicType: std::hash::Hash + Eq + Clone,
-{
-    store
-        .state()
-        .iter()
-        .filter_map(|o| {
-            let mut v = serde_json::to_value(o.as_ref()).ok()?;
-            // Dynamic objects from a list may lack their type; the snapshot dispatches on kind.
-            if let Some(m) = v.as_object_mut() {
-                m.entry("kind")
-                    .or_insert_with(|| Value::String(kind.to_owned()));
-                m.entry("apiVersion")
-                    .or_insert_with(|| Value::String(api_version.to_owned()));
-            }
-            Some(v)
-        })
-        .collect()
+/// What to watch: a kind, where, and whether a 404 (CRD not installed) means "none".
+struct Watch<'a> {
+    group: &'a str,
+    kind: &'a str,
+    namespace: Option<&'a str>,
+    optional: bool,
 }
 
-fn spawn_watch<K>(
-    api: Api<K>,
-    writer: reflector::store::Writer<K>,
-    kind: String,
-    changed: Arc<Notify>,
-    synced: tokio::sync::watch::Sender<bool>,
-    optional: bool,
-) where
-    K: kube::Resource
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-    K::DynamicType: std::hash::Hash + Eq + Clone + Send + Sync,
-{
+/// Every kind is watched untyped (`DynamicObject`): the snapshot consumes JSON values anyway,
+/// and one watcher instantiation instead of one per Kubernetes type keeps kube-rs's and
+/// k8s-openapi's generated code out of the binary's resident pages (idle RSS is mostly code).
+fn spawn_watch(client: &Client, w: &Watch<'_>, changed: Arc<Notify>) -> Watched {
+    let gvk = GroupVersionKind::gvk(w.group, "v1", w.kind);
+    let ar = ApiResource::from_gvk(&gvk);
+    let api: Api<DynamicObject> = match w.namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+        None => Api::all_with(client.clone(), &ar),
+    };
+    let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());
+    let store = writer.as_reader();
+    let (synced, synced_rx) = tokio::sync::watch::channel(false);
+    let kind = w.kind.to_owned();
+    let optional = w.optional;
     tokio::spawn(async move {
         let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
             .default_backoff();
@@ -113,67 +108,44 @@ fn spawn_watch<K>(
             }
         }
     });
+    Watched {
+        kind: w.kind.to_owned(),
+        store,
+        api_version: ar.api_version,
+        synced: synced_rx,
+    }
 }
 
 /// Start watching everything the proxy needs; returns the watched kinds and a change signal.
 pub fn watch_all(client: Client, secrets_in: Option<&str>) -> (Vec<Watched>, Arc<Notify>) {
     let changed = Arc::new(Notify::new());
-    let mut out = Vec::new();
-
-    macro_rules! typed {
-        ($ty:ty, $kind:expr, $av:expr) => {{
-            let (reader, writer) = reflector::store::<$ty>();
-            let (tx, rx) = tokio::sync::watch::channel(false);
-            spawn_watch(
-                Api::<$ty>::all(client.clone()),
-                writer,
-                $kind.to_owned(),
-                changed.clone(),
-                tx,
-                false,
-            );
-            out.push(Watched {
-                kind: $kind.into(),
-                read: Box::new(move || to_values(&reader, $kind, $av)),
-                synced: rx,
-            });
-        }};
-    }
-    typed!(Service, "Service", "v1");
-    typed!(EndpointSlice, "EndpointSlice", "discovery.k8s.io/v1");
-    typed!(Pod, "Pod", "v1");
+    let core = |group, kind| Watch {
+        group,
+        kind,
+        namespace: None,
+        optional: false,
+    };
+    let mut watches = vec![
+        core("", "Service"),
+        core("discovery.k8s.io", "EndpointSlice"),
+        core("", "Pod"),
+    ];
     if let Some(ns) = secrets_in {
-        let (reader, writer) = reflector::store::<Secret>();
-        let (tx, rx) = tokio::sync::watch::channel(false);
-        spawn_watch(
-            Api::<Secret>::namespaced(client.clone(), ns),
-            writer,
-            "Secret".to_owned(),
-            changed.clone(),
-            tx,
-            false,
-        );
-        out.push(Watched {
-            kind: "Secret".into(),
-            read: Box::new(move || to_values(&reader, "Secret", "v1")),
-            synced: rx,
+        watches.push(Watch {
+            namespace: Some(ns),
+            ..core("", "Secret")
         });
     }
     for kind in ISTIO_KINDS {
-        let ar = ApiResource::from_gvk(&GroupVersionKind::gvk("networking.istio.io", "v1", kind));
-        let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());
-        let reader = writer.as_reader();
-        let (tx, rx) = tokio::sync::watch::channel(false);
-        let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
-        spawn_watch(api, writer, (*kind).to_owned(), changed.clone(), tx, true);
-        let av = "networking.istio.io/v1";
-        let k = (*kind).to_owned();
-        out.push(Watched {
-            kind: k.clone(),
-            read: Box::new(move || to_values(&reader, &k, av)),
-            synced: rx,
+        watches.push(Watch {
+            optional: true,
+            ..core("networking.istio.io", kind)
         });
     }
+    let out = watches
+        .iter()
+        .map(|w| spawn_watch(&client, w, changed.clone()))
+        .collect();
     (out, changed)
 }
 

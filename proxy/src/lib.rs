@@ -26,6 +26,7 @@ pub mod gateway;
 pub mod gateway_tls;
 pub mod h2pool;
 pub mod k8s;
+pub mod k8s_objects;
 pub mod metrics;
 pub mod os;
 pub mod proxy;

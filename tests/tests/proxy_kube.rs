@@ -170,6 +170,42 @@ async fn missing_istio_crds_do_not_block_readiness() {
     let _ = std::fs::remove_file(&kc);
 }
 
+/// One object the proxy cannot read (here a Service whose port is not a number) is reported and
+/// skipped; it must not stall discovery of everything else. (A typed watch fails to decode the
+/// whole list and retries forever: no Service would ever be discovered, and readiness would hang.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_object_is_rejected_alone() {
+    let v1 = upstream::http("reviews-v1").await;
+    let api = FakeApiServer::new(default_kinds(true));
+    api.apply(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "broken", "namespace": "shop"},
+        "spec": {"clusterIP": "10.96.0.51", "ports": [{"name": "http", "port": "eighty"}]}}));
+    api.apply(service());
+    api.apply(slice(v1));
+    let (addr, server) = api.start(None).await;
+    let kc = write_kubeconfig(addr, "malformed");
+    let (p, stop) = proxy(&kc).await;
+    let r = &p.readiness;
+    eventually("ready despite the malformed Service", || async {
+        r.check().is_ok()
+    })
+    .await;
+    let (code, body) = get(p.addrs.outbound).await.expect("request");
+    assert_eq!(code, 200);
+    assert!(body.contains("reviews-v1"), "{body}");
+    let snap = p.snapshot.borrow().clone();
+    assert_eq!(snap.services.len(), 1, "only the readable Service");
+    assert!(
+        snap.rejected
+            .iter()
+            .any(|r| r.starts_with("Service broken") && r.contains("invalid type")),
+        "{:?}",
+        snap.rejected
+    );
+    server.abort();
+    let _ = stop.send(true);
+    let _ = std::fs::remove_file(&kc);
+}
+
 #[test]
 fn label_selector_syntax() {
     let labels: serde_json::Map<String, serde_json::Value> =
