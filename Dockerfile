@@ -5,12 +5,16 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p ferry-injector -p ferry-proxy -p ferry-init \
- && strip target/release/ferry-injector target/release/ferry-proxy target/release/ferry-init
+# .ci/release: glibc linked in (static-pie), see the script; binaries collected in /src/out.
+RUN bash .ci/release --locked -p ferry-injector -p ferry-proxy -p ferry-init \
+ && mkdir out \
+ && d="target/$(rustc -vV | sed -n 's/^host: //p')/release" \
+ && cp "$d/ferry-injector" "$d/ferry-proxy" "$d/ferry-init" out/ \
+ && strip out/*
 
 # The webhook: one binary on distroless (glibc only, no shell), non-root.
 FROM gcr.io/distroless/cc-debian12:nonroot AS injector
-COPY --from=build /src/target/release/ferry-injector /usr/local/bin/ferry-injector
+COPY --from=build /src/out/ferry-injector /usr/local/bin/ferry-injector
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/ferry-injector"]
 
@@ -22,7 +26,7 @@ FROM debian:bookworm-slim AS proxy
 RUN apt-get update \
  && apt-get install -y --no-install-recommends iptables \
  && rm -rf /var/lib/apt/lists/*
-COPY --from=build /src/target/release/ferry-proxy /src/target/release/ferry-init /usr/local/bin/
+COPY --from=build /src/out/ferry-proxy /src/out/ferry-init /usr/local/bin/
 RUN ln -s ferry-proxy /usr/local/bin/pilot-agent && ln -s ferry-init /usr/local/bin/istio-iptables
 USER 1337:1337
 ENTRYPOINT ["/usr/local/bin/ferry-proxy"]
