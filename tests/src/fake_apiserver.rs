@@ -709,6 +709,43 @@ impl FakeApiServer {
         })
     }
 
+    /// Serve HTTPS on `listener`, as a real API server does (it speaks only TLS), with the
+    /// serving certificate `pair` (issue it for the address or name clients dial). Each
+    /// connection's handshake runs on its own task, so a stalled client holds up no one.
+    pub fn serve_tls(
+        &self,
+        listener: TcpListener,
+        pair: &crate::tls::Pair,
+    ) -> Result<tokio::task::JoinHandle<()>, String> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_slice_iter(pair.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("serving certificate: {e}"))?;
+        let key = PrivateKeyDer::from_pem_slice(pair.key_pem.as_bytes())
+            .map_err(|e| format!("serving key: {e}"))?;
+        let cfg = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| format!("TLS configuration: {e}"))?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let this = self.clone();
+        Ok(tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((s, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (this, acceptor) = (this.clone(), acceptor.clone());
+                conns.spawn(async move {
+                    if let Ok(tls) = acceptor.accept(s).await {
+                        this.serve_conn(tls).await;
+                    }
+                });
+            }
+        }))
+    }
+
     /// Serve every connection `accept` yields, each on its own task, until aborted.
     fn serve_accepted<S, F>(
         &self,
@@ -759,6 +796,16 @@ impl FakeApiServer {
             .expect("bind");
         let a = l.local_addr().expect("addr");
         (a, self.serve(l))
+    }
+
+    /// A kubeconfig for [`FakeApiServer::serve_tls`] at `addr`: HTTPS, trusting only `ca_pem`
+    /// (as a pod's in-cluster configuration trusts only the cluster's CA), no auth.
+    pub fn kubeconfig_tls(addr: SocketAddr, ca_pem: &str) -> String {
+        use base64::Engine;
+        let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: https://{addr}\n    certificate-authority-data: {ca}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\nusers:\n- name: fake\n  user: {{}}\n"
+        )
     }
 
     /// A kubeconfig pointing at this server (plain HTTP, no auth).

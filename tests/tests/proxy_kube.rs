@@ -206,6 +206,44 @@ async fn a_malformed_object_is_rejected_alone() {
     let _ = std::fs::remove_file(&kc);
 }
 
+/// The API server is HTTPS-only in a cluster: discovery works over TLS trusting only the
+/// kubeconfig's CA, and does not when the server's certificate is from another CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_over_tls_trusts_only_the_kubeconfig_ca() {
+    let pki = ferry_tests::tls::Pki::new("fake-cluster-ca");
+    let api = FakeApiServer::new(default_kinds(true));
+    api.apply(service());
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let server = api
+        .serve_tls(l, &pki.issue(&["127.0.0.1"], 2099))
+        .expect("serve");
+    let kc = write_kubeconfig(addr, "tls");
+    std::fs::write(&kc, FakeApiServer::kubeconfig_tls(addr, &pki.ca_pem())).expect("write");
+    let (p, stop) = proxy(&kc).await;
+    let r = &p.readiness;
+    eventually("ready over TLS", || async { r.check().is_ok() }).await;
+    assert_eq!(p.snapshot.borrow().services.len(), 1);
+    let _ = stop.send(true);
+
+    // The same server, but the kubeconfig trusts another CA: the handshake fails, nothing syncs.
+    let other = ferry_tests::tls::Pki::new("another-ca");
+    std::fs::write(&kc, FakeApiServer::kubeconfig_tls(addr, &other.ca_pem())).expect("write");
+    let (p, stop) = proxy(&kc).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let why = p
+        .readiness
+        .check()
+        .expect_err("not ready: the API server's certificate is not trusted");
+    assert!(why.contains("initial configuration sync"), "{why}");
+    assert!(p.snapshot.borrow().services.is_empty());
+    server.abort();
+    let _ = stop.send(true);
+    let _ = std::fs::remove_file(&kc);
+}
+
 #[test]
 fn label_selector_syntax() {
     let labels: serde_json::Map<String, serde_json::Value> =

@@ -149,6 +149,8 @@ impl Record {
 /// loopback inside each pod.
 struct Api {
     server: crate::fake_apiserver::FakeApiServer,
+    /// The fake cluster's CA (the sidecars' kubeconfig trusts it).
+    ca_pem: String,
     /// Serves the API while held.
     _rt: tokio::runtime::Runtime,
 }
@@ -166,14 +168,20 @@ impl Api {
             server.apply(obj);
         }
         server.apply(peers::virtual_service(2, 0));
-        let addr = peers::API_ADDR.parse().map_err(|e| format!("{e}"))?;
+        let addr: std::net::SocketAddr = peers::API_ADDR.parse().map_err(|e| format!("{e}"))?;
+        let pki = crate::tls::Pki::new("ferry-bench-cluster-ca");
+        let cert = pki.issue(&[&addr.ip().to_string()], 2099);
         for ns in [&t.client_ns, &t.server_ns] {
             let l = crate::netns::bind_in(ns, addr);
             let _guard = rt.enter();
             let l = tokio::net::TcpListener::from_std(l).map_err(|e| e.to_string())?;
-            server.serve(l);
+            server.serve_tls(l, &cert)?;
         }
-        Ok(Api { server, _rt: rt })
+        Ok(Api {
+            server,
+            ca_pem: pki.ca_pem(),
+            _rt: rt,
+        })
     }
 }
 
@@ -184,7 +192,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Record>, String> {
     let t = Topology::up("fbench", "10.77.0", &state, &opts.sut_cpus)?;
     let api = Api::start(&t)?;
     let kubeconfig = state.join("kubeconfig");
-    std::fs::write(&kubeconfig, peers::kubeconfig()).map_err(|e| e.to_string())?;
+    std::fs::write(&kubeconfig, peers::kubeconfig(&api.ca_pem)).map_err(|e| e.to_string())?;
     let cars = Sidecars {
         proxy: opts.proxy.clone(),
         netcheck: opts.netcheck.clone(),

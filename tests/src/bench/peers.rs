@@ -152,9 +152,14 @@ pub fn virtual_service(rules: usize, generation: u64) -> Value {
            "spec": {"hosts": [HOST], "http": http}})
 }
 
-/// The kubeconfig each ferry sidecar reads.
-pub fn kubeconfig() -> String {
-    crate::fake_apiserver::FakeApiServer::kubeconfig(API_ADDR.parse().expect("API address"))
+/// The kubeconfig each ferry sidecar reads: HTTPS, trusting only the fake cluster's CA, as a
+/// pod's in-cluster configuration does (so the sidecars run the TLS client code they run in a
+/// cluster, and do not load the system's root certificates).
+pub fn kubeconfig(ca_pem: &str) -> String {
+    crate::fake_apiserver::FakeApiServer::kubeconfig_tls(
+        API_ADDR.parse().expect("API address"),
+        ca_pem,
+    )
 }
 
 /// Start one sidecar per pod for `path` ("ferry", "nginx" or "haproxy"); returns when both
