@@ -5,11 +5,10 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
-# .ci/release: glibc linked in (static-pie), see the script; binaries collected in /src/out.
-RUN bash .ci/release --locked -p ferry-injector -p ferry-proxy -p ferry-init \
+# .ci/release: ferry-proxy with glibc linked in and its hot code first (see the script).
+RUN bash .ci/release --locked -p ferry-injector -p ferry-init \
  && mkdir out \
- && d="target/$(rustc -vV | sed -n 's/^host: //p')/release" \
- && cp "$d/ferry-injector" "$d/ferry-proxy" "$d/ferry-init" out/ \
+ && cp target/release/ferry-injector target/release/ferry-proxy target/release/ferry-init out/ \
  && strip out/*
 
 # The webhook: one binary on distroless (glibc only, no shell), non-root.

@@ -258,6 +258,13 @@ fn explain_cmd(rest: &[String]) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    // The release build links glibc in (.ci/release), which must not load NSS modules.
+    if cfg!(target_feature = "crt-static")
+        && let Err(e) = ferry_proxy::os::nss_files_and_dns_only()
+    {
+        eprintln!("ferry-proxy: {e}");
+        return ExitCode::FAILURE;
+    }
     let mut argv: Vec<String> = std::env::args().collect();
     // Istio's image runs `pilot-agent request ...` / `pilot-agent wait` from lifecycle hooks; our
     // image links pilot-agent to this binary.

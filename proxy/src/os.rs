@@ -5,7 +5,8 @@
 //!   returns freed pages to the OS lazily, during later allocations; an idle sidecar makes
 //!   none, so the transient peak of compiling a large table (a 1,000-rule VirtualService:
 //!   about 10 MiB) stayed resident until traffic came;
-//! - `pipe2` and `splice` for the zero-copy TCP relay ([`crate::relay`]).
+//! - `pipe2` and `splice` for the zero-copy TCP relay ([`crate::relay`]);
+//! - keeping a statically linked glibc off NSS modules ([`nss_files_and_dns_only`]).
 #![allow(unsafe_code)]
 
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -127,4 +128,34 @@ mod tests {
         release_free_memory();
         assert_eq!(v.len(), 1 << 20);
     }
+}
+
+unsafe extern "C" {
+    /// glibc: replace the services `/etc/nsswitch.conf` lists for one database.
+    fn __nss_configure_lookup(
+        dbname: *const libc::c_char,
+        service_line: *const libc::c_char,
+    ) -> libc::c_int;
+}
+
+/// Resolve host names, users and groups with glibc's built-in `files` and `dns` services only,
+/// whatever `/etc/nsswitch.conf` lists. For a statically linked binary (`.ci/release`): it
+/// cannot load NSS modules (`libnss_systemd`, `libnss_resolve`, ...) — dlopen brings a second
+/// libc, and the process crashes. Name lookups then behave as in a pod, whose images say
+/// `hosts: files dns` (and as Go's own resolver does).
+pub fn nss_files_and_dns_only() -> std::io::Result<()> {
+    for (db, services) in [
+        (c"hosts", c"files dns"),
+        (c"passwd", c"files"),
+        (c"group", c"files"),
+    ] {
+        // SAFETY: both arguments are NUL-terminated static strings; glibc copies what it keeps.
+        // Called once, at start-up, before any thread that could look names up exists.
+        if unsafe { __nss_configure_lookup(db.as_ptr(), services.as_ptr()) } != 0 {
+            return Err(std::io::Error::other(format!(
+                "__nss_configure_lookup({db:?}) failed"
+            )));
+        }
+    }
+    Ok(())
 }
