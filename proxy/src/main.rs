@@ -257,11 +257,19 @@ fn explain_cmd(rest: &[String]) -> ExitCode {
     }
 }
 
+/// The release build links glibc in (.ci/release), which must not load NSS modules.
+#[cfg(all(target_env = "gnu", target_feature = "crt-static"))]
+fn static_glibc() -> std::io::Result<()> {
+    ferry_proxy::os::nss_files_and_dns_only()
+}
+
+#[cfg(not(all(target_env = "gnu", target_feature = "crt-static")))]
+fn static_glibc() -> std::io::Result<()> {
+    Ok(())
+}
+
 fn main() -> ExitCode {
-    // The release build links glibc in (.ci/release), which must not load NSS modules.
-    if cfg!(target_feature = "crt-static")
-        && let Err(e) = ferry_proxy::os::nss_files_and_dns_only()
-    {
+    if let Err(e) = static_glibc() {
         eprintln!("ferry-proxy: {e}");
         return ExitCode::FAILURE;
     }

@@ -130,6 +130,7 @@ mod tests {
     }
 }
 
+#[cfg(target_env = "gnu")]
 unsafe extern "C" {
     /// glibc: replace the services `/etc/nsswitch.conf` lists for one database.
     fn __nss_configure_lookup(
@@ -143,6 +144,7 @@ unsafe extern "C" {
 /// cannot load NSS modules (`libnss_systemd`, `libnss_resolve`, ...) — dlopen brings a second
 /// libc, and the process crashes. Name lookups then behave as in a pod, whose images say
 /// `hosts: files dns` (and as Go's own resolver does).
+#[cfg(target_env = "gnu")]
 pub fn nss_files_and_dns_only() -> std::io::Result<()> {
     for (db, services) in [
         (c"hosts", c"files dns"),

@@ -803,17 +803,23 @@ impl FakeApiServer {
     pub fn kubeconfig_tls(addr: SocketAddr, ca_pem: &str) -> String {
         use base64::Engine;
         let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: https://{addr}\n    certificate-authority-data: {ca}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\nusers:\n- name: fake\n  user: {{}}\n"
+        kubeconfig_for(
+            &format!("https://{addr}"),
+            &format!("\n    certificate-authority-data: {ca}"),
         )
     }
 
     /// A kubeconfig pointing at this server (plain HTTP, no auth).
     pub fn kubeconfig(addr: SocketAddr) -> String {
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{addr}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\nusers:\n- name: fake\n  user: {{}}\n"
-        )
+        kubeconfig_for(&format!("http://{addr}"), "")
     }
+}
+
+/// A kubeconfig for `server`; `cluster_extra` is appended to the cluster entry.
+fn kubeconfig_for(server: &str, cluster_extra: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {server}{cluster_extra}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\nusers:\n- name: fake\n  user: {{}}\n"
+    )
 }
 
 fn tokio_stream_from(
