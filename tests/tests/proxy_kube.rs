@@ -64,6 +64,13 @@ async fn eventually<F: Fn() -> Fut, Fut: std::future::Future<Output = bool>>(wha
     panic!("timed out waiting for: {what}");
 }
 
+/// After `wait`, the proxy is still not ready, and says it waits for the initial sync.
+async fn assert_not_synced(p: &Running, wait: Duration, what: &str) {
+    tokio::time::sleep(wait).await;
+    let why = p.readiness.check().expect_err(what);
+    assert!(why.contains("initial configuration sync"), "{why}");
+}
+
 fn write_kubeconfig(addr: SocketAddr, name: &str) -> std::path::PathBuf {
     let p = std::env::temp_dir().join(format!("ferry-kubeconfig-{name}-{}", std::process::id()));
     std::fs::write(&p, FakeApiServer::kubeconfig(addr)).expect("write");
@@ -86,12 +93,12 @@ async fn watches_drive_the_snapshot_through_sync_updates_410_and_outages() {
     };
     let kc = write_kubeconfig(addr, "main");
     let (p, stop) = proxy(&kc).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let why = p
-        .readiness
-        .check()
-        .expect_err("not ready without the API server");
-    assert!(why.contains("initial configuration sync"), "{why}");
+    assert_not_synced(
+        &p,
+        Duration::from_millis(300),
+        "not ready without the API server",
+    )
+    .await;
 
     let (_, server) = api.start(Some(addr)).await;
     let r = &p.readiness;
@@ -232,12 +239,12 @@ async fn discovery_over_tls_trusts_only_the_kubeconfig_ca() {
     let other = ferry_tests::tls::Pki::new("another-ca");
     std::fs::write(&kc, FakeApiServer::kubeconfig_tls(addr, &other.ca_pem())).expect("write");
     let (p, stop) = proxy(&kc).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let why = p
-        .readiness
-        .check()
-        .expect_err("not ready: the API server's certificate is not trusted");
-    assert!(why.contains("initial configuration sync"), "{why}");
+    assert_not_synced(
+        &p,
+        Duration::from_millis(1500),
+        "not ready: the API server's certificate is not trusted",
+    )
+    .await;
     assert!(p.snapshot.borrow().services.is_empty());
     server.abort();
     let _ = stop.send(true);
