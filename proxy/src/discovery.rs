@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::SystemTime;
 
 use crate::k8s_objects::{EndpointSlice, IntOrString, Pod, Service as K8sService};
+use serde::Deserialize;
 use serde_json::Value;
 
 /// Application protocol of a port, as Istio derives it.
@@ -271,9 +272,10 @@ impl Snapshot {
             let kind = o["kind"].as_str().unwrap_or_default();
             let name = o["metadata"]["name"].as_str().unwrap_or("?");
             let res = match kind {
-                "Service" => serde_json::from_value(o.clone()).map(|s| services.push(s)),
-                "EndpointSlice" => serde_json::from_value(o.clone()).map(|s| slices.push(s)),
-                "Pod" => serde_json::from_value(o.clone()).map(|p| pods.push(p)),
+                // Read from the borrowed value: no copy of each object per rebuild.
+                "Service" => K8sService::deserialize(o).map(|s| services.push(s)),
+                "EndpointSlice" => EndpointSlice::deserialize(o).map(|s| slices.push(s)),
+                "Pod" => Pod::deserialize(o).map(|p| pods.push(p)),
                 "Secret" => {
                     use base64::Engine;
                     let ns = o["metadata"]["namespace"].as_str().unwrap_or("default");

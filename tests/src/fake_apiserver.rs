@@ -693,25 +693,30 @@ impl FakeApiServer {
     /// Serve on `listener` until the returned task is aborted (which also ends open watches).
     pub fn serve(&self, listener: TcpListener) -> tokio::task::JoinHandle<()> {
         let l = Arc::new(listener);
-        self.serve_accepted(move || {
-            let l = l.clone();
-            async move { l.accept().await.map(|(s, _)| s) }
-        })
+        self.serve_accepted(
+            move || {
+                let l = l.clone();
+                async move { l.accept().await.map(|(s, _)| s) }
+            },
+            |s| async move { Some(s) },
+        )
     }
 
     /// Serve on a Unix socket (the lab's command line talks to its API server this way, so the
     /// host's network namespace is never touched).
     pub fn serve_unix(&self, listener: tokio::net::UnixListener) -> tokio::task::JoinHandle<()> {
         let l = Arc::new(listener);
-        self.serve_accepted(move || {
-            let l = l.clone();
-            async move { l.accept().await.map(|(s, _)| s) }
-        })
+        self.serve_accepted(
+            move || {
+                let l = l.clone();
+                async move { l.accept().await.map(|(s, _)| s) }
+            },
+            |s| async move { Some(s) },
+        )
     }
 
     /// Serve HTTPS on `listener`, as a real API server does (it speaks only TLS), with the
-    /// serving certificate `pair` (issue it for the address or name clients dial). Each
-    /// connection's handshake runs on its own task, so a stalled client holds up no one.
+    /// serving certificate `pair` (issue it for the address or name clients dial).
     pub fn serve_tls(
         &self,
         listener: TcpListener,
@@ -729,31 +734,32 @@ impl FakeApiServer {
             .with_single_cert(certs, key)
             .map_err(|e| format!("TLS configuration: {e}"))?;
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-        let this = self.clone();
-        Ok(tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                let Ok((s, _)) = listener.accept().await else {
-                    continue;
-                };
-                let (this, acceptor) = (this.clone(), acceptor.clone());
-                conns.spawn(async move {
-                    if let Ok(tls) = acceptor.accept(s).await {
-                        this.serve_conn(tls).await;
-                    }
-                });
-            }
-        }))
+        let l = Arc::new(listener);
+        Ok(self.serve_accepted(
+            move || {
+                let l = l.clone();
+                async move { l.accept().await.map(|(s, _)| s) }
+            },
+            move |s| {
+                let acceptor = acceptor.clone();
+                async move { acceptor.accept(s).await.ok() }
+            },
+        ))
     }
 
-    /// Serve every connection `accept` yields, each on its own task, until aborted.
-    fn serve_accepted<S, F>(
+    /// Serve every connection `accept` yields, each on its own task, until aborted. `open` runs
+    /// first on that task (a TLS handshake, or nothing), so a stalled client holds up no one;
+    /// `None` drops the connection.
+    fn serve_accepted<S, F, T, O>(
         &self,
         accept: impl Fn() -> F + Send + 'static,
+        open: impl Fn(S) -> O + Send + 'static,
     ) -> tokio::task::JoinHandle<()>
     where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        S: Send + 'static,
         F: std::future::Future<Output = std::io::Result<S>> + Send,
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        O: std::future::Future<Output = Option<T>> + Send + 'static,
     {
         let this = self.clone();
         tokio::spawn(async move {
@@ -762,7 +768,12 @@ impl FakeApiServer {
                 let Ok(s) = accept().await else {
                     continue;
                 };
-                conns.spawn(this.clone().serve_conn(s));
+                let (this, opening) = (this.clone(), open(s));
+                conns.spawn(async move {
+                    if let Some(io) = opening.await {
+                        this.serve_conn(io).await;
+                    }
+                });
             }
         })
     }
