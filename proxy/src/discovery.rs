@@ -2,7 +2,7 @@
 //! kept for routing) compiled into an immutable [`Snapshot`], swapped atomically on change. Sources:
 //! a directory of YAML files (hot reloaded; standalone use and tests) or, later, the API server.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -184,10 +184,10 @@ impl Capture {
 pub struct Snapshot {
     pub version: u64,
     pub services: Vec<Arc<Service>>,
-    by_vip: HashMap<SocketAddr, Arc<Service>>,
-    by_host: HashMap<String, Arc<Service>>,
-    by_endpoint: HashMap<SocketAddr, Arc<Service>>,
-    pods: HashMap<IpAddr, Arc<Workload>>,
+    by_vip: crate::FastMap<SocketAddr, Arc<Service>>,
+    by_host: crate::FastMap<String, Arc<Service>>,
+    by_endpoint: crate::FastMap<SocketAddr, Arc<Service>>,
+    pods: crate::FastMap<IpAddr, Arc<Workload>>,
     /// VirtualServices and DestinationRules as given (routing is the next layer's job); moved
     /// into `istio_text` by [`Snapshot::compact`] once everything is compiled.
     pub istio: Vec<Value>,

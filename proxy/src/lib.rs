@@ -34,3 +34,8 @@ pub mod relay;
 pub mod resilience;
 pub mod routing;
 pub mod transport;
+
+/// The hash map of per-request lookups (hosts, endpoint addresses, routes): std's SipHash costs
+/// hundreds of instructions per key, several times per request. The keys come from the cluster's
+/// objects, not from requests (which only look up), and the seed is still random per map.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;

@@ -133,9 +133,9 @@ pub struct Proxy {
     /// Flips to true when draining: HTTP connections are then closed gracefully.
     pub draining: watch::Receiver<bool>,
     rr: AtomicUsize,
-    inflight: std::sync::Mutex<std::collections::HashMap<SocketAddr, usize>>,
+    inflight: std::sync::Mutex<crate::FastMap<SocketAddr, usize>>,
     /// What multiplexed requests taught about endpoints labelled as having a sidecar.
-    peers: std::sync::Mutex<std::collections::HashMap<SocketAddr, Peer>>,
+    peers: std::sync::Mutex<crate::FastMap<SocketAddr, Peer>>,
     h1_out: Client<Connector, Incoming>,
     h2_out: H2Pool<Incoming>,
     h1_in: Client<Connector, Incoming>,
@@ -155,7 +155,10 @@ const POOL_IDLE: Duration = Duration::from_secs(60);
 /// Marks an HTTP/1.1 request that a sidecar sends to a peer sidecar over HTTP/2 (as
 /// linkerd2-proxy's `l5d-orig-proto`): many client connections share one coalesced connection
 /// between the sidecars, and the peer gives the app HTTP/1.1 again. Removed from anything else.
-const ORIG_PROTO: &str = "x-ferry-orig-proto";
+const ORIG_PROTO: hyper::header::HeaderName =
+    hyper::header::HeaderName::from_static("x-ferry-orig-proto");
+const IDEMPOTENCY_KEY: hyper::header::HeaderName =
+    hyper::header::HeaderName::from_static("idempotency-key");
 /// How long a connection to a declared-HTTP port may stay silent before it is served as HTTP
 /// anyway (the HTTP server then applies its own limits). Long on purpose: see `handle`.
 const DECLARED_HTTP_FIRST_BYTES: Duration = Duration::from_secs(3600);
@@ -400,8 +403,8 @@ impl Proxy {
             active: Arc::new(Active::default()),
             draining,
             rr: AtomicUsize::new(0),
-            inflight: std::sync::Mutex::new(std::collections::HashMap::new()),
-            peers: std::sync::Mutex::new(std::collections::HashMap::new()),
+            inflight: std::sync::Mutex::default(),
+            peers: std::sync::Mutex::default(),
             h1_out: client(false),
             h2_out: H2Pool::new(false, CONNECT_TIMEOUT, None, POOL_IDLE),
             h1_in: client(true),
@@ -1319,7 +1322,7 @@ impl Proxy {
                 }
             };
             tags.endpoint = Some(endpoint);
-            match format!("http://{endpoint}{pq}").parse::<Uri>() {
+            match endpoint_uri(endpoint, &pq).parse::<Uri>() {
                 Ok(uri) => *req.uri_mut() = uri,
                 Err(_) => {
                     let resp = full(StatusCode::BAD_REQUEST, "bad request target");
@@ -1339,8 +1342,14 @@ impl Proxy {
                 |r| (r.policy.timeout, r.policy.retries.clone()),
             );
             let hdrs = req.headers();
+            // Looking up each x-envoy-* name would hash it; one pass tells whether any is there.
+            let envoy = hdrs.keys().any(|k| k.as_str().starts_with("x-envoy-"));
             resilience::with_overrides(t, r, &|k: &str| {
-                hdrs.get(k).and_then(|v| v.to_str().ok()).map(str::to_owned)
+                envoy
+                    .then(|| hdrs.get(k))
+                    .flatten()
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
             })
         } else {
             (
@@ -1391,7 +1400,7 @@ impl Proxy {
         };
         let idempotent = resilience::idempotent(
             req.method().as_str(),
-            req.headers().contains_key("idempotency-key"),
+            req.headers().contains_key(&IDEMPOTENCY_KEY),
         );
         // A request is replayed only from a buffered copy: small bodies are buffered when a
         // retry is possible; a large or streaming body gets one attempt.
@@ -1500,10 +1509,10 @@ impl Proxy {
                 .and_then(|h| h.to_str().ok())
                 .filter(|_| h2);
             let uri = match authority {
-                Some(a) => format!("http://{a}{pq}").parse::<Uri>().ok(),
+                Some(a) => [HTTP, a, &pq].concat().parse::<Uri>().ok(),
                 None => None,
             };
-            let uri: Uri = match uri.map_or_else(|| format!("http://{endpoint}{pq}").parse(), Ok) {
+            let uri: Uri = match uri.map_or_else(|| endpoint_uri(endpoint, &pq).parse(), Ok) {
                 Ok(u) => u,
                 Err(_) => {
                     let resp = full(StatusCode::BAD_REQUEST, "bad request target");
@@ -1814,7 +1823,7 @@ impl Proxy {
             };
             let mut b = Request::builder()
                 .method(parts.method.clone())
-                .uri(format!("http://{endpoint}{pq}"));
+                .uri(endpoint_uri(endpoint, pq));
             if let Some(h) = b.headers_mut() {
                 *h = parts.headers.clone();
                 if let Ok(v) = hyper::header::HeaderValue::from_str(&shadow) {
@@ -2020,13 +2029,13 @@ impl Proxy {
 
 /// Counts a request in flight to an endpoint (LEAST_REQUEST) until dropped.
 struct Inflight<'a> {
-    map: &'a std::sync::Mutex<std::collections::HashMap<SocketAddr, usize>>,
+    map: &'a std::sync::Mutex<crate::FastMap<SocketAddr, usize>>,
     addr: SocketAddr,
 }
 
 impl<'a> Inflight<'a> {
     fn enter(
-        map: &'a std::sync::Mutex<std::collections::HashMap<SocketAddr, usize>>,
+        map: &'a std::sync::Mutex<crate::FastMap<SocketAddr, usize>>,
         addr: SocketAddr,
     ) -> Self {
         if let Ok(mut m) = map.lock() {
@@ -2072,6 +2081,19 @@ fn roll() -> u32 {
 /// upstream's the client's. `te: trailers` stays: gRPC requires it.
 fn strip_hop_by_hop(h: &mut hyper::HeaderMap) {
     use hyper::header::{CONNECTION, CONTENT_LENGTH, HOST, TE, TRANSFER_ENCODING, UPGRADE};
+    // Most messages carry none of these: one pass over the (few) names settles it, where a
+    // removal per name would hash each one (this runs twice per proxied request).
+    let hop = |n: &hyper::header::HeaderName| {
+        *n == CONNECTION
+            || *n == TRANSFER_ENCODING
+            || *n == UPGRADE
+            || *n == TE
+            || n.as_str() == "keep-alive"
+            || n.as_str() == "proxy-connection"
+    };
+    if !h.keys().any(hop) {
+        return;
+    }
     if h.contains_key(CONNECTION) {
         let named: Vec<hyper::header::HeaderName> = h
             .get_all(CONNECTION)
@@ -2096,6 +2118,46 @@ fn strip_hop_by_hop(h: &mut hyper::HeaderMap) {
     {
         h.remove(TE);
     }
+}
+
+const HTTP: &str = "http://";
+
+/// `http://<endpoint><path and query>`, the URI of a request to one endpoint. (`SocketAddr`'s
+/// `Display` goes through the formatting machinery: over a thousand instructions, per request.)
+fn endpoint_uri(endpoint: SocketAddr, pq: &str) -> String {
+    fn decimal(s: &mut String, mut n: u16) {
+        let mut digits = [0u8; 5];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        s.extend(digits[i..].iter().map(|&d| char::from(d)));
+    }
+    let mut s = String::with_capacity(HTTP.len() + 21 + pq.len());
+    s.push_str(HTTP);
+    match endpoint {
+        SocketAddr::V4(a) => {
+            for (i, o) in a.ip().octets().into_iter().enumerate() {
+                if i > 0 {
+                    s.push('.');
+                }
+                decimal(&mut s, o.into());
+            }
+            s.push(':');
+            decimal(&mut s, a.port());
+        }
+        SocketAddr::V6(a) => {
+            use std::fmt::Write;
+            let _ = write!(s, "{a}");
+        }
+    }
+    s.push_str(pq);
+    s
 }
 
 /// `headers.request|response`: remove, then set, then add.
@@ -2177,6 +2239,21 @@ fn cors_headers(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoint_uris_match_the_formatted_address() {
+        for a in [
+            "10.0.0.1:80",
+            "0.0.0.0:0",
+            "255.255.255.255:65535",
+            "192.168.10.9:8080",
+            "[::1]:443",
+            "[fe80::1%2]:9",
+        ] {
+            let a: SocketAddr = a.parse().expect("address");
+            assert_eq!(endpoint_uri(a, "/p?q=1"), format!("http://{a}/p?q=1"));
+        }
+    }
 
     #[test]
     fn hop_by_hop_headers_are_not_forwarded() {

@@ -487,15 +487,15 @@ pub enum LoadBalancer {
 #[derive(Debug, Default)]
 struct HostRoutes {
     routes: Vec<Arc<HttpRoute>>,
-    by_path: HashMap<String, Vec<usize>>,
-    by_prefix: HashMap<String, Vec<usize>>,
+    by_path: crate::FastMap<String, Vec<usize>>,
+    by_prefix: crate::FastMap<String, Vec<usize>>,
     /// The distinct lengths of the keys of `by_prefix`, ascending: the only path prefixes a
     /// lookup needs to try.
     prefix_lens: Vec<usize>,
     /// The header most of the remaining rules require an exact value of (e.g. `x-tenant`), and
     /// those rules by that value.
     header_key: Option<String>,
-    by_header: HashMap<String, Vec<usize>>,
+    by_header: crate::FastMap<String, Vec<usize>>,
     general: Vec<usize>,
 }
 
@@ -761,14 +761,14 @@ pub fn resolve_destination<'r>(
 /// Everything compiled from the Istio resources of one snapshot.
 #[derive(Debug, Default)]
 pub struct RouteTable {
-    http: HashMap<String, HostRoutes>,
-    tcp: HashMap<String, Vec<Arc<L4Route>>>,
-    tls: HashMap<String, Vec<Arc<L4Route>>>,
+    http: crate::FastMap<String, HostRoutes>,
+    tcp: crate::FastMap<String, Vec<Arc<L4Route>>>,
+    tls: crate::FastMap<String, Vec<Arc<L4Route>>>,
     /// Wildcard hosts by the suffix after `*` (`*.example.com` → `.example.com`, `*` → ``).
-    wildcard: HashMap<String, HostRoutes>,
+    wildcard: crate::FastMap<String, HostRoutes>,
     /// Wildcard suffixes that do not start with a dot, matched by a scan (rare).
     odd_wildcards: Vec<String>,
-    rules: HashMap<String, Arc<Rule>>,
+    rules: crate::FastMap<String, Arc<Rule>>,
     /// One line per rejected resource or field, naming it.
     pub diagnostics: Vec<String>,
 }
