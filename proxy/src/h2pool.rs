@@ -127,14 +127,10 @@ where
         if let Some(c) = conn.as_ref().filter(|c| !c.is_closed()) {
             return Ok(c.clone());
         }
-        let source = self.inbound.then(|| transport::inbound_source(&endpoint));
-        let stream = transport::connect(endpoint, source, self.timeout)
-            .await
-            .map_err(|e| Error::Connect(endpoint, e))?;
-        if let Some(k) = self.keepalive {
-            let _ = socket2::SockRef::from(&stream)
-                .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(k));
-        }
+        let stream =
+            transport::connect_upstream(endpoint, self.inbound, self.timeout, self.keepalive)
+                .await
+                .map_err(|e| Error::Connect(endpoint, e))?;
         let io = TokioIo::new(Coalesce::new(stream, true));
         let (send, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .handshake(io)

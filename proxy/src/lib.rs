@@ -5,6 +5,7 @@
 //! - [`discovery`]: Kubernetes objects → immutable [`discovery::Snapshot`]; the file source.
 //! - [`transport`]: `SO_ORIGINAL_DST`, upstream connects (inbound from 127.0.0.6).
 //! - [`coalesce`]: gathers HTTP/2 frames from many streams into one write.
+//! - [`h1pool`]: HTTP/1.1 upstream connections per endpoint, reused.
 //! - [`h2pool`]: HTTP/2 upstream connections per endpoint (requests keep their `:authority`).
 //! - [`detect`]: protocol sniffing with a timeout (server-first protocols never stall).
 //! - [`proxy`]: the data path: TCP relay, HTTP/1.1 and HTTP/2 forwarding, upgrades, errors.
@@ -24,6 +25,7 @@ pub mod discovery;
 pub mod explain;
 pub mod gateway;
 pub mod gateway_tls;
+pub mod h1pool;
 pub mod h2pool;
 pub mod k8s;
 pub mod k8s_objects;

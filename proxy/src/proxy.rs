@@ -8,14 +8,12 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode, Uri};
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -25,6 +23,7 @@ use crate::coalesce::Coalesce;
 use crate::config::{Config, OutboundPolicy};
 use crate::detect::{self, Detected};
 use crate::discovery::{Protocol, SERVER_FIRST_PORTS, Snapshot, Target};
+use crate::h1pool::H1Pool;
 use crate::h2pool::H2Pool;
 use crate::metrics::{Labels, Metrics, RelayLabels};
 use crate::relay;
@@ -48,42 +47,6 @@ impl Direction {
             Direction::Outbound | Direction::Gateway => "source",
             Direction::Inbound => "destination",
         }
-    }
-}
-
-/// Connects the pooled HTTP/1.1 clients to an endpoint named by the request URI's authority
-/// (HTTP/2 goes through [`H2Pool`], keyed by endpoint).
-#[derive(Clone)]
-pub struct Connector {
-    inbound: bool,
-    timeout: Duration,
-    keepalive: Option<Duration>,
-}
-
-impl tower_service::Service<Uri> for Connector {
-    type Response = TokioIo<TcpStream>;
-    type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let (inbound, timeout, keepalive) = (self.inbound, self.timeout, self.keepalive);
-        Box::pin(async move {
-            let addr: SocketAddr = uri
-                .authority()
-                .and_then(|a| a.as_str().parse().ok())
-                .ok_or_else(|| std::io::Error::other(format!("no endpoint address in {uri}")))?;
-            let source = inbound.then(|| transport::inbound_source(&addr));
-            let s = transport::connect(addr, source, timeout).await?;
-            if let Some(k) = keepalive {
-                let _ = socket2::SockRef::from(&s)
-                    .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(k));
-            }
-            Ok(TokioIo::new(s))
-        })
     }
 }
 
@@ -136,12 +99,12 @@ pub struct Proxy {
     inflight: std::sync::Mutex<crate::FastMap<SocketAddr, usize>>,
     /// What multiplexed requests taught about endpoints labelled as having a sidecar.
     peers: std::sync::Mutex<crate::FastMap<SocketAddr, Peer>>,
-    h1_out: Client<Connector, Incoming>,
+    h1_out: H1Pool<Incoming>,
     h2_out: H2Pool<Incoming>,
-    h1_in: Client<Connector, Incoming>,
+    h1_in: H1Pool<Incoming>,
     h2_in: H2Pool<Incoming>,
     /// Buffered-body clients, for requests that may be retried.
-    h1_out_buf: Client<Connector, Full<Bytes>>,
+    h1_out_buf: H1Pool<Full<Bytes>>,
     h2_out_buf: H2Pool<Full<Bytes>>,
     breakers: crate::resilience::Breakers,
     pub outliers: crate::resilience::Outliers,
@@ -163,40 +126,29 @@ const IDEMPOTENCY_KEY: hyper::header::HeaderName =
 /// anyway (the HTTP server then applies its own limits). Long on purpose: see `handle`.
 const DECLARED_HTTP_FIRST_BYTES: Duration = Duration::from_secs(3600);
 
-fn client<B>(inbound: bool) -> Client<Connector, B>
-where
-    B: hyper::body::Body + Send + 'static + Unpin,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    client_with(inbound, (None, None, None))
-}
-
-/// A client pool with a DestinationRule's connection settings (connect timeout, idle timeout,
-/// TCP keepalive); unset ones keep the defaults.
-fn client_with<B>(
+/// An HTTP/1.1 pool with a DestinationRule's connection settings (connect timeout, idle
+/// timeout, TCP keepalive); unset ones keep the defaults.
+fn h1_pool<B>(
     inbound: bool,
     (connect, idle, keepalive): (Option<Duration>, Option<Duration>, Option<Duration>),
-) -> Client<Connector, B>
+) -> H1Pool<B>
 where
-    B: hyper::body::Body + Send + 'static + Unpin,
+    B: hyper::body::Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut b = Client::builder(TokioExecutor::new());
-    b.pool_idle_timeout(idle.unwrap_or(POOL_IDLE))
-        .pool_max_idle_per_host(64);
-    b.build(Connector {
+    H1Pool::new(
         inbound,
-        timeout: connect.unwrap_or(CONNECT_TIMEOUT),
+        connect.unwrap_or(CONNECT_TIMEOUT),
         keepalive,
-    })
+        idle.unwrap_or(POOL_IDLE),
+    )
 }
 
 type Settings = (Option<Duration>, Option<Duration>, Option<Duration>);
 
 /// Client pools keyed by connection settings.
-type Pools<B> = std::sync::Mutex<std::collections::HashMap<Settings, Client<Connector, B>>>;
+type Pools<B> = std::sync::Mutex<std::collections::HashMap<Settings, H1Pool<B>>>;
 type H2Pools<B> = std::sync::Mutex<std::collections::HashMap<Settings, Arc<H2Pool<B>>>>;
 
 /// Client pools for destinations whose DestinationRule sets connection settings.
@@ -236,43 +188,6 @@ where
         keepalive,
         idle.unwrap_or(POOL_IDLE),
     ))
-}
-
-/// A failed upstream attempt, from the HTTP/1.1 pools or an HTTP/2 one.
-#[derive(Debug)]
-enum UpstreamError {
-    Pooled(hyper_util::client::legacy::Error),
-    H2(crate::h2pool::Error),
-}
-
-impl UpstreamError {
-    fn is_connect(&self) -> bool {
-        match self {
-            UpstreamError::Pooled(e) => e.is_connect(),
-            UpstreamError::H2(e) => e.is_connect(),
-        }
-    }
-
-    fn timed_out(&self) -> bool {
-        match self {
-            UpstreamError::Pooled(e) => {
-                std::error::Error::source(e)
-                    .and_then(|s| s.downcast_ref::<std::io::Error>())
-                    .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
-                    || format!("{e:?}").contains("TimedOut")
-            }
-            UpstreamError::H2(e) => e.is_timeout(),
-        }
-    }
-}
-
-impl std::fmt::Display for UpstreamError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            UpstreamError::Pooled(e) => e.fmt(f),
-            UpstreamError::H2(e) => e.fmt(f),
-        }
-    }
 }
 
 /// What a proxy learnt of an endpoint labelled as having a sidecar (see `ORIG_PROTO`).
@@ -405,11 +320,11 @@ impl Proxy {
             rr: AtomicUsize::new(0),
             inflight: std::sync::Mutex::default(),
             peers: std::sync::Mutex::default(),
-            h1_out: client(false),
+            h1_out: h1_pool(false, (None, None, None)),
             h2_out: H2Pool::new(false, CONNECT_TIMEOUT, None, POOL_IDLE),
-            h1_in: client(true),
+            h1_in: h1_pool(true, (None, None, None)),
             h2_in: H2Pool::new(true, CONNECT_TIMEOUT, None, POOL_IDLE),
-            h1_out_buf: client(false),
+            h1_out_buf: h1_pool(false, (None, None, None)),
             h2_out_buf: H2Pool::new(false, CONNECT_TIMEOUT, None, POOL_IDLE),
             breakers: crate::resilience::Breakers::default(),
             outliers: crate::resilience::Outliers::default(),
@@ -1501,8 +1416,8 @@ impl Proxy {
             };
             let multiplexed = multiplexed && !matches!(known, Peer::NotHttp2(_));
             let h2 = use_h2 || multiplexed;
-            // HTTP/1.1 pools connect to the URI's authority: the endpoint. HTTP/2 goes to the
-            // endpoint through `H2Pool` and the URI keeps the request's authority.
+            // The pools are given the endpoint. Over HTTP/2 the URI keeps the request's
+            // authority (`:authority`).
             let authority = parts
                 .headers
                 .get(hyper::header::HOST)
@@ -1512,7 +1427,18 @@ impl Proxy {
                 Some(a) => [HTTP, a, &pq].concat().parse::<Uri>().ok(),
                 None => None,
             };
-            let uri: Uri = match uri.map_or_else(|| endpoint_uri(endpoint, &pq).parse(), Ok) {
+            // HTTP/1.1 requests go out in origin form.
+            let uri = uri.map_or_else(
+                || {
+                    if h2 {
+                        endpoint_uri(endpoint, &pq).parse()
+                    } else {
+                        pq.parse()
+                    }
+                },
+                Ok,
+            );
+            let uri: Uri = match uri {
                 Ok(u) => u,
                 Err(_) => {
                     let resp = full(StatusCode::BAD_REQUEST, "bad request target");
@@ -1531,27 +1457,18 @@ impl Proxy {
                     match (h2, settings) {
                         (true, Some(s)) => {
                             let pool = pooled(&self.custom.h2_buffered, s, || h2_pool(s));
-                            Box::pin(async move {
-                                pool.send(endpoint, r).await.map_err(UpstreamError::H2)
-                            })
+                            Box::pin(async move { pool.send(endpoint, r).await })
                                 as Pin<Box<dyn Future<Output = _> + Send + '_>>
                         }
-                        (true, None) => Box::pin(async move {
-                            self.h2_out_buf
-                                .send(endpoint, r)
-                                .await
-                                .map_err(UpstreamError::H2)
-                        }),
+                        (true, None) => {
+                            Box::pin(async move { self.h2_out_buf.send(endpoint, r).await })
+                        }
                         (false, s) => {
                             let client = match s {
-                                Some(s) => {
-                                    pooled(&self.custom.buffered, s, || client_with(false, s))
-                                }
+                                Some(s) => pooled(&self.custom.buffered, s, || h1_pool(false, s)),
                                 None => self.h1_out_buf.clone(),
                             };
-                            Box::pin(async move {
-                                client.request(r).await.map_err(UpstreamError::Pooled)
-                            })
+                            Box::pin(async move { client.request(endpoint, r).await })
                         }
                     }
                 }
@@ -1564,28 +1481,22 @@ impl Proxy {
                     match (h2, settings.filter(|_| outbound)) {
                         (true, Some(s)) => {
                             let pool = pooled(&self.custom.h2_streaming, s, || h2_pool(s));
-                            Box::pin(async move {
-                                pool.send(endpoint, r).await.map_err(UpstreamError::H2)
-                            })
+                            Box::pin(async move { pool.send(endpoint, r).await })
                                 as Pin<Box<dyn Future<Output = _> + Send + '_>>
                         }
                         (true, None) => {
                             let pool = if outbound { &self.h2_out } else { &self.h2_in };
-                            Box::pin(async move {
-                                pool.send(endpoint, r).await.map_err(UpstreamError::H2)
-                            })
+                            Box::pin(async move { pool.send(endpoint, r).await })
                         }
                         (false, s) => {
                             let client = match (outbound, s) {
                                 (_, Some(s)) => {
-                                    pooled(&self.custom.streaming, s, || client_with(false, s))
+                                    pooled(&self.custom.streaming, s, || h1_pool(false, s))
                                 }
                                 (true, None) => self.h1_out.clone(),
                                 (false, None) => self.h1_in.clone(),
                             };
-                            Box::pin(async move {
-                                client.request(r).await.map_err(UpstreamError::Pooled)
-                            })
+                            Box::pin(async move { client.request(endpoint, r).await })
                         }
                     }
                 }
@@ -1653,7 +1564,7 @@ impl Proxy {
                     )
                 }
                 Some(Err(e)) => {
-                    let timed_out = e.timed_out();
+                    let timed_out = e.is_timeout();
                     debug!(error = ?e, %endpoint, "upstream request failed");
                     if timed_out {
                         (
@@ -1834,7 +1745,7 @@ impl Proxy {
                 continue;
             };
             self.metrics.event(&svc.hostname, "mirror");
-            let fut = self.h1_out_buf.request(req);
+            let fut = self.h1_out_buf.request(endpoint, req);
             tokio::spawn(async move {
                 let _ = tokio::time::timeout(Duration::from_secs(30), fut).await;
             });

@@ -71,3 +71,20 @@ pub async fn connect(
     s.set_nodelay(true)?;
     Ok(s)
 }
+
+/// An upstream connection of a proxied request: inbound ones come from the passthrough source
+/// (to the app), with the DestinationRule's TCP keepalive if it sets one.
+pub async fn connect_upstream(
+    dst: SocketAddr,
+    inbound: bool,
+    timeout: Duration,
+    keepalive: Option<Duration>,
+) -> io::Result<TcpStream> {
+    let source = inbound.then(|| inbound_source(&dst));
+    let s = connect(dst, source, timeout).await?;
+    if let Some(k) = keepalive {
+        let _ = socket2::SockRef::from(&s)
+            .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(k));
+    }
+    Ok(s)
+}
