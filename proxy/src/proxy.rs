@@ -1991,43 +1991,68 @@ fn roll() -> u32 {
 /// client's `Connection: close` must not close the pooled upstream connection, nor an
 /// upstream's the client's. `te: trailers` stays: gRPC requires it.
 fn strip_hop_by_hop(h: &mut hyper::HeaderMap) {
-    use hyper::header::{CONNECTION, CONTENT_LENGTH, HOST, TE, TRANSFER_ENCODING, UPGRADE};
-    // Most messages carry none of these: one pass over the (few) names settles it, where a
-    // removal per name would hash each one (this runs twice per proxied request).
-    let hop = |n: &hyper::header::HeaderName| {
-        *n == CONNECTION
-            || *n == TRANSFER_ENCODING
-            || *n == UPGRADE
-            || *n == TE
-            || n.as_str() == "keep-alive"
-            || n.as_str() == "proxy-connection"
+    use hyper::header::{
+        CONNECTION, CONTENT_LENGTH, HOST, HeaderName, TE, TRANSFER_ENCODING, UPGRADE,
     };
-    if !h.keys().any(hop) {
+    // Which of the fixed set are there, in one pass over the (few) names: removing a name
+    // that is absent still hashes it, and this runs twice per proxied request.
+    const FIXED: [&str; 6] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "transfer-encoding",
+        "upgrade",
+    ];
+    let mut present = [false; FIXED.len()];
+    for k in h.keys() {
+        if let Some(i) = FIXED.iter().position(|f| k.as_str() == *f) {
+            present[i] = true;
+        }
+    }
+    if !present.contains(&true) {
         return;
     }
-    if h.contains_key(CONNECTION) {
-        let named: Vec<hyper::header::HeaderName> = h
-            .get_all(CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| hyper::header::HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .filter(|n| *n != HOST && *n != CONTENT_LENGTH)
-            .collect();
+    if present[0] {
+        // The names the Connection header lists (`close` and `keep-alive`, the usual ones,
+        // are no header to look for).
+        let mut named: Vec<HeaderName> = Vec::new();
+        for v in h.get_all(CONNECTION).iter().filter_map(|v| v.to_str().ok()) {
+            for t in v.split(',').map(str::trim) {
+                if t.is_empty() || t.eq_ignore_ascii_case("close") {
+                    continue;
+                }
+                if let Ok(n) = HeaderName::from_bytes(t.as_bytes())
+                    && n != HOST
+                    && n != CONTENT_LENGTH
+                    && !FIXED.contains(&n.as_str())
+                {
+                    named.push(n);
+                }
+            }
+        }
         for n in named {
             h.remove(n);
         }
         h.remove(CONNECTION);
     }
-    for n in ["keep-alive", "proxy-connection"] {
-        h.remove(n);
+    if present[1] {
+        h.remove("keep-alive");
     }
-    h.remove(TRANSFER_ENCODING);
-    h.remove(UPGRADE);
-    if h.get(TE)
-        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    if present[2] {
+        h.remove("proxy-connection");
+    }
+    if present[3]
+        && h.get(TE)
+            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
     {
         h.remove(TE);
+    }
+    if present[4] {
+        h.remove(TRANSFER_ENCODING);
+    }
+    if present[5] {
+        h.remove(UPGRADE);
     }
 }
 
@@ -2074,23 +2099,13 @@ fn endpoint_uri(endpoint: SocketAddr, pq: &str) -> String {
 /// `headers.request|response`: remove, then set, then add.
 fn edit_headers(h: &mut hyper::HeaderMap, ops: &crate::routing::HeaderOps) {
     for k in &ops.remove {
-        h.remove(k.as_str());
+        h.remove(k);
     }
-    let parse = |k: &str, v: &str| {
-        Some((
-            hyper::header::HeaderName::from_bytes(k.as_bytes()).ok()?,
-            hyper::header::HeaderValue::from_str(v).ok()?,
-        ))
-    };
     for (k, v) in &ops.set {
-        if let Some((k, v)) = parse(k, v) {
-            h.insert(k, v);
-        }
+        h.insert(k.clone(), v.clone());
     }
     for (k, v) in &ops.add {
-        if let Some((k, v)) = parse(k, v) {
-            h.append(k, v);
-        }
+        h.append(k.clone(), v.clone());
     }
 }
 
@@ -2192,5 +2207,12 @@ mod tests {
         grpc.insert("te", "trailers".parse().unwrap());
         strip_hop_by_hop(&mut grpc);
         assert_eq!(grpc.get("te").unwrap(), "trailers");
+        // What most HTTP/1.1 servers send on every response.
+        let mut usual = hyper::HeaderMap::new();
+        usual.insert("connection", "keep-alive".parse().unwrap());
+        usual.insert("content-type", "text/html".parse().unwrap());
+        strip_hop_by_hop(&mut usual);
+        let left: Vec<&str> = usual.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["content-type"]);
     }
 }

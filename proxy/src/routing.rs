@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use hyper::http;
 use regex::Regex;
 use serde_json::Value;
 
@@ -273,12 +274,13 @@ fn compile_mirrors(
     Ok(out)
 }
 
-/// Header edits (`headers.request` / `headers.response`).
+/// Header edits (`headers.request` / `headers.response`), parsed once when the route is
+/// compiled (a name or value that is not valid HTTP is left out, with a warning).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HeaderOps {
-    pub set: Vec<(String, String)>,
-    pub add: Vec<(String, String)>,
-    pub remove: Vec<String>,
+    pub set: Vec<(http::HeaderName, http::HeaderValue)>,
+    pub add: Vec<(http::HeaderName, http::HeaderValue)>,
+    pub remove: Vec<http::HeaderName>,
 }
 
 /// What a matched route does.
@@ -871,20 +873,29 @@ fn lb(v: &Value) -> Result<Option<LoadBalancer>, String> {
 }
 
 fn header_ops(v: Option<&Value>) -> HeaderOps {
-    let pairs = |k: &str| -> Vec<(String, String)> {
-        v.and_then(|v| v.get(k))
-            .and_then(Value::as_object)
-            .map(|m| {
-                m.iter()
-                    .map(|(a, b)| {
-                        (
-                            a.to_ascii_lowercase(),
-                            b.as_str().unwrap_or_default().to_owned(),
-                        )
-                    })
-                    .collect()
+    let name = |k: &str| {
+        http::HeaderName::from_bytes(k.as_bytes())
+            .map_err(|_| {
+                tracing::warn!(
+                    header = k,
+                    "VirtualService header edit: not a valid header name, left out"
+                )
             })
-            .unwrap_or_default()
+            .ok()
+    };
+    let pairs = |op: &str| -> Vec<(http::HeaderName, http::HeaderValue)> {
+        let Some(m) = v.and_then(|v| v.get(op)).and_then(Value::as_object) else {
+            return Vec::new();
+        };
+        m.iter()
+            .filter_map(|(k, val)| {
+                let val = val.as_str().unwrap_or_default();
+                let parsed = http::HeaderValue::from_str(val)
+                    .map_err(|_| tracing::warn!(header = %k, value = val, "VirtualService header edit: not a valid header value, left out"))
+                    .ok()?;
+                Some((name(k)?, parsed))
+            })
+            .collect()
     };
     HeaderOps {
         set: pairs("set"),
@@ -894,7 +905,8 @@ fn header_ops(v: Option<&Value>) -> HeaderOps {
             .and_then(Value::as_array)
             .map(|a| {
                 a.iter()
-                    .filter_map(|s| s.as_str().map(str::to_ascii_lowercase))
+                    .filter_map(Value::as_str)
+                    .filter_map(name)
                     .collect()
             })
             .unwrap_or_default(),

@@ -365,15 +365,36 @@ spec:
         (r.rewrite_uri.as_deref(), r.rewrite_authority.as_deref()),
         (Some("/api/"), Some("api.internal"))
     );
+    let text =
+        |ops: &[(hyper::http::HeaderName, hyper::http::HeaderValue)]| -> Vec<(String, String)> {
+            ops.iter()
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("?").to_owned()))
+                .collect()
+        };
     assert_eq!(
-        r.request_headers.set,
+        text(&r.request_headers.set),
         [("x-routed".to_owned(), "yes".to_owned())]
     );
     assert_eq!(r.request_headers.remove, ["cookie"]);
     assert_eq!(
-        r.response_headers.add,
+        text(&r.response_headers.add),
         [("x-served-by".to_owned(), "web".to_owned())]
     );
+}
+
+#[test]
+fn header_edits_that_are_not_valid_http_are_left_out() {
+    let ops = header_ops(Some(&serde_json::json!({
+        "set": {"X-Ok": "1", "bad name": "2", "x-bad-value": "line\nbreak"},
+        "add": {"x-added": "3"},
+        "remove": ["Cookie", "no good"],
+    })));
+    let names = |v: &[(hyper::http::HeaderName, hyper::http::HeaderValue)]| -> Vec<String> {
+        v.iter().map(|(k, _)| k.to_string()).collect()
+    };
+    assert_eq!(names(&ops.set), ["x-ok"]);
+    assert_eq!(names(&ops.add), ["x-added"]);
+    assert_eq!(ops.remove, ["cookie"]);
 }
 
 #[test]
