@@ -158,7 +158,7 @@ where
                 .map_err(|e| Error::Connect(endpoint, e))?;
         let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| Error::Handshake(endpoint, e))?;
+            .map_err(|e| Error::Handshake(endpoint, e.into()))?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 debug!(%endpoint, error = %e, "HTTP/1.1 upstream connection ended");

@@ -30,7 +30,7 @@ use crate::relay;
 use crate::resilience;
 use crate::transport::{self, OrigDst};
 
-pub type Body = BoxBody<Bytes, hyper::Error>;
+pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 /// Which listener a connection came in on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,12 +100,12 @@ pub struct Proxy {
     /// What multiplexed requests taught about endpoints labelled as having a sidecar.
     peers: std::sync::Mutex<crate::FastMap<SocketAddr, Peer>>,
     h1_out: H1Pool<Incoming>,
-    h2_out: H2Pool<Incoming>,
+    /// Outbound HTTP/2, streaming or buffered bodies alike.
+    h2_out: H2Pool,
     h1_in: H1Pool<Incoming>,
-    h2_in: H2Pool<Incoming>,
+    h2_in: H2Pool,
     /// Buffered-body clients, for requests that may be retried.
     h1_out_buf: H1Pool<Full<Bytes>>,
-    h2_out_buf: H2Pool<Full<Bytes>>,
     breakers: crate::resilience::Breakers,
     pub outliers: crate::resilience::Outliers,
     custom: CustomClients,
@@ -149,15 +149,14 @@ type Settings = (Option<Duration>, Option<Duration>, Option<Duration>);
 
 /// Client pools keyed by connection settings.
 type Pools<B> = std::sync::Mutex<std::collections::HashMap<Settings, H1Pool<B>>>;
-type H2Pools<B> = std::sync::Mutex<std::collections::HashMap<Settings, Arc<H2Pool<B>>>>;
+type H2Pools = std::sync::Mutex<std::collections::HashMap<Settings, Arc<H2Pool>>>;
 
 /// Client pools for destinations whose DestinationRule sets connection settings.
 #[derive(Default)]
 struct CustomClients {
     streaming: Pools<Incoming>,
     buffered: Pools<Full<Bytes>>,
-    h2_streaming: H2Pools<Incoming>,
-    h2_buffered: H2Pools<Full<Bytes>>,
+    h2: H2Pools,
 }
 
 /// The client of `pools` for these settings, made on first use.
@@ -176,12 +175,7 @@ fn pooled<V: Clone>(
 
 /// An outbound HTTP/2 pool for a DestinationRule's settings (connect timeout, idle timeout,
 /// TCP keepalive).
-fn h2_pool<B>((connect, idle, keepalive): Settings) -> Arc<H2Pool<B>>
-where
-    B: hyper::body::Body + Send + 'static + Unpin,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+fn h2_pool((connect, idle, keepalive): Settings) -> Arc<H2Pool> {
     Arc::new(H2Pool::new(
         false,
         connect.unwrap_or(CONNECT_TIMEOUT),
@@ -198,6 +192,15 @@ enum Peer {
     Proven,
     /// Failed its first one: HTTP/1.1 until then.
     NotHttp2(Instant),
+}
+
+/// An upstream response with its body boxed as the proxy's [`Body`].
+fn boxed<B>(r: Response<B>) -> Response<Body>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    r.map(|b| b.map_err(Into::into).boxed())
 }
 
 fn full(status: StatusCode, msg: &str) -> Response<Body> {
@@ -325,7 +328,6 @@ impl Proxy {
             h1_in: h1_pool(true, (None, None, None)),
             h2_in: H2Pool::new(true, CONNECT_TIMEOUT, None, POOL_IDLE),
             h1_out_buf: h1_pool(false, (None, None, None)),
-            h2_out_buf: H2Pool::new(false, CONNECT_TIMEOUT, None, POOL_IDLE),
             breakers: crate::resilience::Breakers::default(),
             outliers: crate::resilience::Outliers::default(),
             custom: CustomClients::default(),
@@ -1456,19 +1458,19 @@ impl Proxy {
                     };
                     match (h2, settings) {
                         (true, Some(s)) => {
-                            let pool = pooled(&self.custom.h2_buffered, s, || h2_pool(s));
-                            Box::pin(async move { pool.send(endpoint, r).await })
+                            let pool = pooled(&self.custom.h2, s, || h2_pool(s));
+                            Box::pin(async move { pool.send(endpoint, r).await.map(boxed) })
                                 as Pin<Box<dyn Future<Output = _> + Send + '_>>
                         }
                         (true, None) => {
-                            Box::pin(async move { self.h2_out_buf.send(endpoint, r).await })
+                            Box::pin(async move { self.h2_out.send(endpoint, r).await.map(boxed) })
                         }
                         (false, s) => {
                             let client = match s {
                                 Some(s) => pooled(&self.custom.buffered, s, || h1_pool(false, s)),
                                 None => self.h1_out_buf.clone(),
                             };
-                            Box::pin(async move { client.request(endpoint, r).await })
+                            Box::pin(async move { client.request(endpoint, r).await.map(boxed) })
                         }
                     }
                 }
@@ -1480,13 +1482,13 @@ impl Proxy {
                     let outbound = c.dir != Direction::Inbound;
                     match (h2, settings.filter(|_| outbound)) {
                         (true, Some(s)) => {
-                            let pool = pooled(&self.custom.h2_streaming, s, || h2_pool(s));
-                            Box::pin(async move { pool.send(endpoint, r).await })
+                            let pool = pooled(&self.custom.h2, s, || h2_pool(s));
+                            Box::pin(async move { pool.send(endpoint, r).await.map(boxed) })
                                 as Pin<Box<dyn Future<Output = _> + Send + '_>>
                         }
                         (true, None) => {
                             let pool = if outbound { &self.h2_out } else { &self.h2_in };
-                            Box::pin(async move { pool.send(endpoint, r).await })
+                            Box::pin(async move { pool.send(endpoint, r).await.map(boxed) })
                         }
                         (false, s) => {
                             let client = match (outbound, s) {
@@ -1496,7 +1498,7 @@ impl Proxy {
                                 (true, None) => self.h1_out.clone(),
                                 (false, None) => self.h1_in.clone(),
                             };
-                            Box::pin(async move { client.request(endpoint, r).await })
+                            Box::pin(async move { client.request(endpoint, r).await.map(boxed) })
                         }
                     }
                 }
@@ -1882,7 +1884,7 @@ impl Proxy {
                 }
             });
         }
-        resp.map(|b| b.boxed())
+        boxed(resp)
     }
 
     fn finish(
