@@ -105,7 +105,7 @@ where
         }
     }
 
-    /// Connections open (idle or busy) to `endpoint`, for tests and the config dump.
+    /// Connections open (idle or busy) to `endpoint`.
     pub fn open(&self, endpoint: SocketAddr) -> usize {
         let conns = self.0.conns.lock().unwrap_or_else(|p| p.into_inner());
         conns

@@ -49,6 +49,11 @@ impl Error {
     pub fn is_timeout(&self) -> bool {
         matches!(self, Error::Connect(_, e) if e.kind() == std::io::ErrorKind::TimedOut)
     }
+
+    /// The peer refused the stream (REFUSED_STREAM: it did no work on it, so a retry is safe).
+    pub fn is_refused_stream(&self) -> bool {
+        matches!(self, Error::H2(e) if e.reason() == Some(h2::Reason::REFUSED_STREAM))
+    }
 }
 
 /// Flow-control windows and send buffer: hyper's client defaults, which the proxy used before
@@ -489,6 +494,41 @@ mod tests {
         let pool = H2Pool::new(false, Duration::from_secs(2), None, Duration::from_secs(60));
         let e = pool.send(addr, get("x")).await.expect_err("not HTTP/2");
         assert!(!e.is_connect(), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_refused_stream_is_told_apart_from_other_resets() {
+        // Refuses `/refuse`, resets anything else with INTERNAL_ERROR.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let Ok(mut conn) = h2::server::handshake(s).await else {
+                        return;
+                    };
+                    while let Some(Ok((req, mut respond))) = conn.accept().await {
+                        respond.send_reset(if req.uri().path() == "/refuse" {
+                            h2::Reason::REFUSED_STREAM
+                        } else {
+                            h2::Reason::INTERNAL_ERROR
+                        });
+                    }
+                });
+            }
+        });
+        let pool = H2Pool::new(false, Duration::from_secs(2), None, Duration::from_secs(60));
+        let req = |path: &str| {
+            Request::get(format!("http://svc{path}"))
+                .body(Empty::<Bytes>::new())
+                .expect("request")
+        };
+        let e = pool.send(addr, req("/refuse")).await.expect_err("refused");
+        assert!(e.is_refused_stream() && !e.is_connect(), "{e}");
+        let e = pool.send(addr, req("/other")).await.expect_err("reset");
+        assert!(!e.is_refused_stream() && !e.is_connect(), "{e}");
     }
 
     #[tokio::test]

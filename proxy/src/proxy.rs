@@ -120,6 +120,8 @@ const POOL_IDLE: Duration = Duration::from_secs(60);
 /// between the sidecars, and the peer gives the app HTTP/1.1 again. Removed from anything else.
 const ORIG_PROTO: hyper::header::HeaderName =
     hyper::header::HeaderName::from_static("x-ferry-orig-proto");
+const GRPC_STATUS: hyper::header::HeaderName =
+    hyper::header::HeaderName::from_static("grpc-status");
 const IDEMPOTENCY_KEY: hyper::header::HeaderName =
     hyper::header::HeaderName::from_static("idempotency-key");
 /// How long a connection to a declared-HTTP port may stay silent before it is served as HTTP
@@ -1557,12 +1559,12 @@ impl Proxy {
                 Some(Ok(r)) => {
                     let grpc = r
                         .headers()
-                        .get("grpc-status")
+                        .get(GRPC_STATUS)
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.parse().ok());
                     (
                         resilience::Outcome::Response(r.status().as_u16(), grpc),
-                        Ok(r.map(|b| b.boxed())),
+                        Ok(r),
                     )
                 }
                 Some(Err(e)) => {
@@ -1586,7 +1588,7 @@ impl Proxy {
                                 "upstream connect error: connection refused",
                             )),
                         )
-                    } else if format!("{e:?}").contains("REFUSED_STREAM") {
+                    } else if e.is_refused_stream() {
                         (
                             resilience::Outcome::RefusedStream,
                             Err((StatusCode::BAD_GATEWAY, "UC", "upstream refused the stream")),
