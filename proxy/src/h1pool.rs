@@ -227,49 +227,36 @@ mod tests {
         close_after: Option<usize>,
         delay: Duration,
     ) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = l.local_addr().expect("addr");
-        let (opened, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let (o, c) = (opened.clone(), closed.clone());
-        tokio::spawn(async move {
-            while let Ok((s, _)) = l.accept().await {
-                o.fetch_add(1, Ordering::SeqCst);
-                let c = c.clone();
-                let served = Arc::new(AtomicUsize::new(0));
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let n = served.fetch_add(1, Ordering::SeqCst) + 1;
-                        async move {
-                            tokio::time::sleep(delay).await;
-                            let host = req
-                                .headers()
-                                .get(hyper::header::HOST)
-                                .and_then(|h| h.to_str().ok())
-                                .unwrap_or("-")
-                                .to_owned();
-                            let mut r = Response::new(Full::new(Bytes::from(format!(
-                                "{} {host}",
-                                req.uri()
-                            ))));
-                            if close_after.is_some_and(|m| n >= m) {
-                                r.headers_mut().insert(
-                                    hyper::header::CONNECTION,
-                                    hyper::header::HeaderValue::from_static("close"),
-                                );
-                            }
-                            Ok::<_, std::convert::Infallible>(r)
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
-                    c.fetch_add(1, Ordering::SeqCst);
-                });
+        crate::testing::counting_server(move |s| {
+            let served = Arc::new(AtomicUsize::new(0));
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let n = served.fetch_add(1, Ordering::SeqCst) + 1;
+                async move {
+                    tokio::time::sleep(delay).await;
+                    let host = req
+                        .headers()
+                        .get(hyper::header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .unwrap_or("-")
+                        .to_owned();
+                    let mut r =
+                        Response::new(Full::new(Bytes::from(format!("{} {host}", req.uri()))));
+                    if close_after.is_some_and(|m| n >= m) {
+                        r.headers_mut().insert(
+                            hyper::header::CONNECTION,
+                            hyper::header::HeaderValue::from_static("close"),
+                        );
+                    }
+                    Ok::<_, std::convert::Infallible>(r)
+                }
+            });
+            async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
             }
-        });
-        (addr, opened, closed)
+        })
+        .await
     }
 
     fn get(uri: String) -> Request<Empty<Bytes>> {

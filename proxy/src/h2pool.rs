@@ -347,49 +347,38 @@ mod tests {
     /// count of the body's bytes), anything else with the request's authority. Counts
     /// connections opened and closed.
     async fn server() -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = l.local_addr().expect("addr");
-        let (opened, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let (o, c) = (opened.clone(), closed.clone());
-        tokio::spawn(async move {
-            while let Ok((s, _)) = l.accept().await {
-                o.fetch_add(1, Ordering::SeqCst);
-                let c = c.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
-                        if req.uri().path() == "/echo" {
-                            let Ok(got) = req.into_body().collect().await else {
-                                let mut r = Response::new(Full::new(Bytes::new()));
-                                *r.status_mut() = hyper::StatusCode::BAD_REQUEST;
-                                return Ok(r);
-                            };
-                            let trailers = got.trailers().cloned();
-                            let bytes = got.to_bytes();
-                            let mut r = Response::new(Full::new(bytes.clone()));
-                            r.headers_mut().insert(
-                                "x-received",
-                                bytes.len().to_string().parse().expect("value"),
-                            );
-                            if let Some(t) = trailers.and_then(|t| t.get("x-sum").cloned()) {
-                                r.headers_mut().insert("x-trailer", t);
-                            }
-                            return Ok::<_, std::convert::Infallible>(r);
-                        }
-                        let authority = req.uri().authority().map(|a| a.to_string());
-                        Ok(Response::new(Full::new(Bytes::from(
-                            authority.unwrap_or_default(),
-                        ))))
-                    });
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
-                    c.fetch_add(1, Ordering::SeqCst);
-                });
+        crate::testing::counting_server(|s| {
+            let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                if req.uri().path() == "/echo" {
+                    let Ok(got) = req.into_body().collect().await else {
+                        let mut r = Response::new(Full::new(Bytes::new()));
+                        *r.status_mut() = hyper::StatusCode::BAD_REQUEST;
+                        return Ok(r);
+                    };
+                    let trailers = got.trailers().cloned();
+                    let bytes = got.to_bytes();
+                    let mut r = Response::new(Full::new(bytes.clone()));
+                    r.headers_mut().insert(
+                        "x-received",
+                        bytes.len().to_string().parse().expect("value"),
+                    );
+                    if let Some(t) = trailers.and_then(|t| t.get("x-sum").cloned()) {
+                        r.headers_mut().insert("x-trailer", t);
+                    }
+                    return Ok::<_, std::convert::Infallible>(r);
+                }
+                let authority = req.uri().authority().map(|a| a.to_string());
+                Ok(Response::new(Full::new(Bytes::from(
+                    authority.unwrap_or_default(),
+                ))))
+            });
+            async move {
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
             }
-        });
-        (addr, opened, closed)
+        })
+        .await
     }
 
     fn get(authority: &str) -> Request<Empty<Bytes>> {

@@ -35,6 +35,8 @@ pub mod proxy;
 pub mod relay;
 pub mod resilience;
 pub mod routing;
+#[cfg(test)]
+mod testing;
 pub mod transport;
 
 /// The hash map of per-request lookups (hosts, endpoint addresses, routes): std's SipHash costs

@@ -130,10 +130,7 @@ const DECLARED_HTTP_FIRST_BYTES: Duration = Duration::from_secs(3600);
 
 /// An HTTP/1.1 pool with a DestinationRule's connection settings (connect timeout, idle
 /// timeout, TCP keepalive); unset ones keep the defaults.
-fn h1_pool<B>(
-    inbound: bool,
-    (connect, idle, keepalive): (Option<Duration>, Option<Duration>, Option<Duration>),
-) -> H1Pool<B>
+fn h1_pool<B>(inbound: bool, (connect, idle, keepalive): Settings) -> H1Pool<B>
 where
     B: hyper::body::Body + Send + 'static,
     B::Data: Send,
