@@ -1333,8 +1333,10 @@ impl Proxy {
             .map(|r| r.mirrors.as_slice())
             .unwrap_or(&[]);
         let buffered: Option<Bytes> = if (retries.attempts > 0 || !mirrors.is_empty()) && small {
-            match body.take().map(|b| b.collect()) {
-                Some(f) => match f.await {
+            match body.take() {
+                // Nothing to read (a GET, most requests): no collect future.
+                Some(b) if hyper::body::Body::is_end_stream(&b) => Some(Bytes::new()),
+                Some(b) => match b.collect().await {
                     Ok(b) => Some(b.to_bytes()),
                     Err(_) => {
                         let resp = full(StatusCode::BAD_REQUEST, "request body aborted");
