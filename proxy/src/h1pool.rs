@@ -33,9 +33,7 @@ struct Conn<B> {
 
 struct Inner<B> {
     conns: Mutex<crate::FastMap<SocketAddr, Vec<Conn<B>>>>,
-    inbound: bool,
-    timeout: Duration,
-    keepalive: Option<Duration>,
+    dial: transport::Dial,
     idle: Duration,
     sweeper: std::sync::Once,
 }
@@ -55,19 +53,11 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    /// `inbound` connections come from the passthrough source address (to the app); `timeout`
-    /// bounds a connect, `idle` how long an unused connection stays open.
-    pub fn new(
-        inbound: bool,
-        timeout: Duration,
-        keepalive: Option<Duration>,
-        idle: Duration,
-    ) -> Self {
+    /// Connections made with `dial`; `idle` is how long an unused one stays open.
+    pub fn new(dial: transport::Dial, idle: Duration) -> Self {
         H1Pool(Arc::new(Inner {
             conns: Mutex::default(),
-            inbound,
-            timeout,
-            keepalive,
+            dial,
             idle,
             sweeper: std::sync::Once::new(),
         }))
@@ -106,6 +96,7 @@ where
     }
 
     /// Connections open (idle or busy) to `endpoint`.
+    #[cfg(test)]
     pub fn open(&self, endpoint: SocketAddr) -> usize {
         let conns = self.0.conns.lock().unwrap_or_else(|p| p.into_inner());
         conns
@@ -152,10 +143,11 @@ where
     async fn connect(self: &Arc<Self>, endpoint: SocketAddr) -> Result<SendRequest<B>, Error> {
         self.sweeper
             .call_once(|| spawn_sweeper(Arc::downgrade(self), self.idle));
-        let stream =
-            transport::connect_upstream(endpoint, self.inbound, self.timeout, self.keepalive)
-                .await
-                .map_err(|e| Error::Connect(endpoint, e))?;
+        let stream = self
+            .dial
+            .connect(endpoint)
+            .await
+            .map_err(|e| Error::Connect(endpoint, e))?;
         let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| Error::Handshake(endpoint, e.into()))?;
@@ -271,7 +263,7 @@ mod tests {
     #[tokio::test]
     async fn sequential_requests_share_one_connection_in_origin_form() {
         let (addr, opened, _) = server(None, Duration::ZERO).await;
-        let pool = H1Pool::new(false, Duration::from_secs(2), None, Duration::from_secs(60));
+        let pool = H1Pool::new(crate::testing::dial(), Duration::from_secs(60));
         for i in 0..5 {
             let r = pool
                 .request(addr, get(format!("http://{addr}/n/{i}?q=1")))
@@ -286,7 +278,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_requests_get_their_own_connections_and_a_given_host_is_kept() {
         let (addr, opened, _) = server(None, Duration::from_millis(100)).await;
-        let pool = H1Pool::new(false, Duration::from_secs(2), None, Duration::from_secs(60));
+        let pool = H1Pool::new(crate::testing::dial(), Duration::from_secs(60));
         let one = || {
             let mut req = get("/slow".into());
             req.headers_mut().insert(
@@ -315,7 +307,7 @@ mod tests {
     async fn a_connection_the_server_closed_is_replaced_without_failing_a_request() {
         // The server closes every connection after its first response.
         let (addr, opened, closed) = server(Some(1), Duration::ZERO).await;
-        let pool = H1Pool::new(false, Duration::from_secs(2), None, Duration::from_secs(60));
+        let pool = H1Pool::new(crate::testing::dial(), Duration::from_secs(60));
         for i in 0..4 {
             let r = pool
                 .request(addr, get(format!("/c/{i}")))
@@ -337,12 +329,7 @@ mod tests {
     #[tokio::test]
     async fn idle_connections_are_closed_after_the_idle_timeout() {
         let (addr, opened, closed) = server(None, Duration::ZERO).await;
-        let pool = H1Pool::new(
-            false,
-            Duration::from_secs(2),
-            None,
-            Duration::from_millis(200),
-        );
+        let pool = H1Pool::new(crate::testing::dial(), Duration::from_millis(200));
         let r = pool
             .request(addr, get("/x".into()))
             .await
@@ -374,7 +361,7 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = l.local_addr().expect("addr");
         drop(l);
-        let pool = H1Pool::new(false, Duration::from_secs(2), None, Duration::from_secs(60));
+        let pool = H1Pool::new(crate::testing::dial(), Duration::from_secs(60));
         let e = pool
             .request(addr, get("/".into()))
             .await

@@ -83,27 +83,17 @@ impl Default for Slot {
 
 pub struct H2Pool {
     slots: Mutex<crate::FastMap<SocketAddr, Arc<Slot>>>,
-    inbound: bool,
-    timeout: Duration,
-    keepalive: Option<Duration>,
+    dial: transport::Dial,
     idle: Duration,
     epoch: Instant,
 }
 
 impl H2Pool {
-    /// `inbound` connections come from the passthrough source address (to the app); `timeout`
-    /// bounds a connect, `idle` how long an unused connection stays open.
-    pub fn new(
-        inbound: bool,
-        timeout: Duration,
-        keepalive: Option<Duration>,
-        idle: Duration,
-    ) -> Self {
+    /// Connections made with `dial`; `idle` is how long an unused one stays open.
+    pub fn new(dial: transport::Dial, idle: Duration) -> Self {
         H2Pool {
             slots: Mutex::default(),
-            inbound,
-            timeout,
-            keepalive,
+            dial,
             idle,
             epoch: Instant::now(),
         }
@@ -127,18 +117,15 @@ impl H2Pool {
     }
 
     /// The endpoint's connection, ready for a new stream; a new one if there is none or it
-    /// can take no more (closed, or going away). `fresh` tells which.
-    async fn ready(
-        &self,
-        endpoint: SocketAddr,
-    ) -> Result<(h2::client::SendRequest<Bytes>, bool), Error> {
+    /// can take no more (closed, or going away).
+    async fn ready(&self, endpoint: SocketAddr) -> Result<h2::client::SendRequest<Bytes>, Error> {
         let slot = self.slot(endpoint);
         slot.used.store(self.now_ms(), Ordering::Relaxed);
         let mut conn = slot.conn.lock().await;
         if let Some(c) = conn.as_ref() {
             let mut c = c.clone();
             match std::future::poll_fn(|cx| c.poll_ready(cx)).await {
-                Ok(()) => return Ok((c, false)),
+                Ok(()) => return Ok(c),
                 Err(e) => {
                     debug!(%endpoint, error = %e, "HTTP/2 connection cannot take more requests: reconnecting")
                 }
@@ -147,7 +134,7 @@ impl H2Pool {
         *conn = None;
         let send = self.connect(endpoint, &slot).await?;
         *conn = Some(send.clone());
-        Ok((send, true))
+        Ok(send)
     }
 
     async fn connect(
@@ -155,10 +142,11 @@ impl H2Pool {
         endpoint: SocketAddr,
         slot: &Arc<Slot>,
     ) -> Result<h2::client::SendRequest<Bytes>, Error> {
-        let stream =
-            transport::connect_upstream(endpoint, self.inbound, self.timeout, self.keepalive)
-                .await
-                .map_err(|e| Error::Connect(endpoint, e))?;
+        let stream = self
+            .dial
+            .connect(endpoint)
+            .await
+            .map_err(|e| Error::Connect(endpoint, e))?;
         let (send, connection) = h2::client::Builder::new()
             .enable_push(false)
             .initial_window_size(STREAM_WINDOW)
@@ -217,7 +205,7 @@ impl H2Pool {
     {
         let (parts, body) = req.into_parts();
         let eos = body.is_end_stream();
-        let (mut send, _) = self.ready(endpoint).await?;
+        let mut send = self.ready(endpoint).await?;
         let (response, stream) = send.send_request(Request::from_parts(parts, ()), eos)?;
         if !eos {
             tokio::spawn(pipe(body, stream));
@@ -395,9 +383,7 @@ mod tests {
     async fn requests_share_a_connection_keep_their_authority_and_idle_connections_close() {
         let (addr, opened, closed) = server().await;
         let pool = Arc::new(H2Pool::new(
-            false,
-            Duration::from_secs(2),
-            None,
+            crate::testing::dial(),
             Duration::from_millis(300),
         ));
         // Concurrent first requests: one connect, shared.
@@ -426,7 +412,7 @@ mod tests {
     #[tokio::test]
     async fn bodies_beyond_the_flow_control_windows_and_trailers_go_through() {
         let (addr, _, _) = server().await;
-        let pool = H2Pool::new(false, Duration::from_secs(2), None, Duration::from_secs(60));
+        let pool = H2Pool::new(crate::testing::dial(), Duration::from_secs(60));
         // 6 MiB in 64 KiB chunks, more than the stream's and the connection's windows, then
         // trailers.
         let chunk = Bytes::from(vec![7u8; 64 * 1024]);
@@ -449,7 +435,7 @@ mod tests {
     #[tokio::test]
     async fn a_request_body_that_fails_resets_the_stream() {
         let (addr, _, _) = server().await;
-        let pool = H2Pool::new(false, Duration::from_secs(2), None, Duration::from_secs(60));
+        let pool = H2Pool::new(crate::testing::dial(), Duration::from_secs(60));
         let frames: Vec<Result<Frame<Bytes>, std::io::Error>> = vec![
             Ok(Frame::data(Bytes::from_static(b"partial"))),
             Err(std::io::Error::other("client went away")),
@@ -480,7 +466,7 @@ mod tests {
                     .await;
             }
         });
-        let pool = H2Pool::new(false, Duration::from_secs(2), None, Duration::from_secs(60));
+        let pool = H2Pool::new(crate::testing::dial(), Duration::from_secs(60));
         let e = pool.send(addr, get("x")).await.expect_err("not HTTP/2");
         assert!(!e.is_connect(), "{e}");
     }
@@ -508,7 +494,7 @@ mod tests {
                 });
             }
         });
-        let pool = H2Pool::new(false, Duration::from_secs(2), None, Duration::from_secs(60));
+        let pool = H2Pool::new(crate::testing::dial(), Duration::from_secs(60));
         let req = |path: &str| {
             Request::get(format!("http://svc{path}"))
                 .body(Empty::<Bytes>::new())
@@ -526,7 +512,7 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
             l.local_addr().expect("addr")
         };
-        let pool = H2Pool::new(false, Duration::from_secs(2), None, Duration::from_secs(60));
+        let pool = H2Pool::new(crate::testing::dial(), Duration::from_secs(60));
         let e = pool.send(addr, get("x")).await.expect_err("refused");
         assert!(e.is_connect() && !e.is_timeout(), "{e}");
     }

@@ -128,23 +128,36 @@ const IDEMPOTENCY_KEY: hyper::header::HeaderName =
 /// anyway (the HTTP server then applies its own limits). Long on purpose: see `handle`.
 const DECLARED_HTTP_FIRST_BYTES: Duration = Duration::from_secs(3600);
 
-/// An HTTP/1.1 pool with a DestinationRule's connection settings (connect timeout, idle
-/// timeout, TCP keepalive); unset ones keep the defaults.
-fn h1_pool<B>(inbound: bool, (connect, idle, keepalive): Settings) -> H1Pool<B>
+/// A DestinationRule's connection settings: connect timeout, idle timeout, TCP keepalive.
+type Settings = (Option<Duration>, Option<Duration>, Option<Duration>);
+
+/// No DestinationRule settings: the defaults.
+const DEFAULTS: Settings = (None, None, None);
+
+/// How a pool with these settings connects, and its idle timeout (unset ones: the defaults).
+fn dial(inbound: bool, (connect, idle, keepalive): Settings) -> (transport::Dial, Duration) {
+    let dial = transport::Dial {
+        inbound,
+        timeout: connect.unwrap_or(CONNECT_TIMEOUT),
+        keepalive,
+    };
+    (dial, idle.unwrap_or(POOL_IDLE))
+}
+
+fn h1_pool<B>(inbound: bool, settings: Settings) -> H1Pool<B>
 where
     B: hyper::body::Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    H1Pool::new(
-        inbound,
-        connect.unwrap_or(CONNECT_TIMEOUT),
-        keepalive,
-        idle.unwrap_or(POOL_IDLE),
-    )
+    let (d, idle) = dial(inbound, settings);
+    H1Pool::new(d, idle)
 }
 
-type Settings = (Option<Duration>, Option<Duration>, Option<Duration>);
+fn h2_pool(inbound: bool, settings: Settings) -> H2Pool {
+    let (d, idle) = dial(inbound, settings);
+    H2Pool::new(d, idle)
+}
 
 /// Client pools keyed by connection settings.
 type Pools<B> = std::sync::Mutex<std::collections::HashMap<Settings, H1Pool<B>>>;
@@ -170,17 +183,6 @@ fn pooled<V: Clone>(
         .entry(settings)
         .or_insert_with(make)
         .clone()
-}
-
-/// An outbound HTTP/2 pool for a DestinationRule's settings (connect timeout, idle timeout,
-/// TCP keepalive).
-fn h2_pool((connect, idle, keepalive): Settings) -> Arc<H2Pool> {
-    Arc::new(H2Pool::new(
-        false,
-        connect.unwrap_or(CONNECT_TIMEOUT),
-        keepalive,
-        idle.unwrap_or(POOL_IDLE),
-    ))
 }
 
 /// What a proxy learnt of an endpoint labelled as having a sidecar (see `ORIG_PROTO`).
@@ -322,11 +324,11 @@ impl Proxy {
             rr: AtomicUsize::new(0),
             inflight: std::sync::Mutex::default(),
             peers: std::sync::Mutex::default(),
-            h1_out: h1_pool(false, (None, None, None)),
-            h2_out: H2Pool::new(false, CONNECT_TIMEOUT, None, POOL_IDLE),
-            h1_in: h1_pool(true, (None, None, None)),
-            h2_in: H2Pool::new(true, CONNECT_TIMEOUT, None, POOL_IDLE),
-            h1_out_buf: h1_pool(false, (None, None, None)),
+            h1_out: h1_pool(false, DEFAULTS),
+            h2_out: h2_pool(false, DEFAULTS),
+            h1_in: h1_pool(true, DEFAULTS),
+            h2_in: h2_pool(true, DEFAULTS),
+            h1_out_buf: h1_pool(false, DEFAULTS),
             breakers: crate::resilience::Breakers::default(),
             outliers: crate::resilience::Outliers::default(),
             custom: CustomClients::default(),
@@ -1459,7 +1461,7 @@ impl Proxy {
                     };
                     match (h2, settings) {
                         (true, Some(s)) => {
-                            let pool = pooled(&self.custom.h2, s, || h2_pool(s));
+                            let pool = pooled(&self.custom.h2, s, || Arc::new(h2_pool(false, s)));
                             Box::pin(async move { pool.send(endpoint, r).await.map(boxed) })
                                 as Pin<Box<dyn Future<Output = _> + Send + '_>>
                         }
@@ -1483,7 +1485,7 @@ impl Proxy {
                     let outbound = c.dir != Direction::Inbound;
                     match (h2, settings.filter(|_| outbound)) {
                         (true, Some(s)) => {
-                            let pool = pooled(&self.custom.h2, s, || h2_pool(s));
+                            let pool = pooled(&self.custom.h2, s, || Arc::new(h2_pool(false, s)));
                             Box::pin(async move { pool.send(endpoint, r).await.map(boxed) })
                                 as Pin<Box<dyn Future<Output = _> + Send + '_>>
                         }

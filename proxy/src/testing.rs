@@ -7,6 +7,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::net::TcpStream;
 
+/// How the pools' tests connect: outbound, 2 s to connect, no keepalive.
+pub fn dial() -> crate::transport::Dial {
+    crate::transport::Dial {
+        inbound: false,
+        timeout: std::time::Duration::from_secs(2),
+        keepalive: None,
+    }
+}
+
 /// A loopback server that hands each accepted connection to `serve` on a task of its own, and
 /// counts the connections opened and closed (once `serve` returns).
 pub async fn counting_server<F, Fut>(serve: F) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>)

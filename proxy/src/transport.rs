@@ -72,19 +72,23 @@ pub async fn connect(
     Ok(s)
 }
 
-/// An upstream connection of a proxied request: inbound ones come from the passthrough source
-/// (to the app), with the DestinationRule's TCP keepalive if it sets one.
-pub async fn connect_upstream(
-    dst: SocketAddr,
-    inbound: bool,
-    timeout: Duration,
-    keepalive: Option<Duration>,
-) -> io::Result<TcpStream> {
-    let source = inbound.then(|| inbound_source(&dst));
-    let s = connect(dst, source, timeout).await?;
-    if let Some(k) = keepalive {
-        let _ = socket2::SockRef::from(&s)
-            .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(k));
+/// How the upstream pools connect: inbound (to the app) from the passthrough source, within
+/// `timeout`, with the DestinationRule's TCP keepalive if it sets one.
+#[derive(Clone, Copy, Debug)]
+pub struct Dial {
+    pub inbound: bool,
+    pub timeout: Duration,
+    pub keepalive: Option<Duration>,
+}
+
+impl Dial {
+    pub async fn connect(&self, dst: SocketAddr) -> io::Result<TcpStream> {
+        let source = self.inbound.then(|| inbound_source(&dst));
+        let s = connect(dst, source, self.timeout).await?;
+        if let Some(k) = self.keepalive {
+            let _ = socket2::SockRef::from(&s)
+                .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(k));
+        }
+        Ok(s)
     }
-    Ok(s)
 }
