@@ -160,7 +160,7 @@ pub async fn start(
                 Some(c) => {
                     // A gateway reads the TLS Secrets of its own namespace (credentialName).
                     let secrets = cfg.router.then(|| cfg.pod_namespace.clone());
-                    let (w, n) = crate::k8s::watch_all(c, secrets.as_deref());
+                    let (w, n) = crate::k8s::watch_all(c, secrets.as_deref()).await;
                     (w, Some(n))
                 }
                 None => (Vec::new(), None),

@@ -117,7 +117,15 @@ fn spawn_watch(client: &Client, w: &Watch<'_>, changed: Arc<Notify>) -> Watched 
 }
 
 /// Start watching everything the proxy needs; returns the watched kinds and a change signal.
-pub fn watch_all(client: Client, secrets_in: Option<&str>) -> (Vec<Watched>, Arc<Notify>) {
+pub async fn watch_all(client: Client, secrets_in: Option<&str>) -> (Vec<Watched>, Arc<Notify>) {
+    // One request first, so that the watches below find its HTTP/2 connection in the client's
+    // pool: started together on an empty pool, each would open a connection of its own. It also
+    // says early whether the API server answers; the watches retry on their own either way.
+    match tokio::time::timeout(Duration::from_secs(5), client.apiserver_version()).await {
+        Ok(Ok(v)) => info!(version = %v.git_version, "Kubernetes API server"),
+        Ok(Err(e)) => warn!("Kubernetes API server version: {e} (watching anyway)"),
+        Err(_) => warn!("Kubernetes API server: no answer in 5s (watching anyway)"),
+    }
     let changed = Arc::new(Notify::new());
     let core = |group, kind| Watch {
         group,
@@ -162,7 +170,37 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client, Stri
         None => kube::Config::incluster()
             .map_err(|e| format!("in-cluster Kubernetes configuration: {e}"))?,
     };
-    let mut config = config;
-    config.read_timeout = Some(Duration::from_secs(330));
-    Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))
+    build_client(config).map_err(|e| format!("Kubernetes client: {e}"))
+}
+
+/// kube-rs's default client stack, except that it offers HTTP/2 to the API server (ALPN), as
+/// client-go does: every watch is then a stream of one connection, where kube-rs's HTTP/1.1
+/// client opens one TLS connection per watch (six per sidecar, each with its own buffers and
+/// API server connection). A server without HTTP/2 gets HTTP/1.1 as before.
+fn build_client(config: kube::Config) -> Result<Client, kube::Error> {
+    use kube::client::ConfigExt;
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(config.connect_timeout);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config.rustls_client_config()?)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    let mut timed = hyper_timeout::TimeoutConnector::new(https);
+    // A watch is silent between events; a bookmark comes at least once a minute, so a read
+    // timeout well beyond the server's watch timeout (kube-runtime asks for 290 s) only ends a
+    // dead connection (the watcher then re-lists).
+    timed.set_read_timeout(Some(Duration::from_secs(330)));
+    timed.set_write_timeout(config.write_timeout);
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(timed);
+    let service = tower::ServiceBuilder::new()
+        .layer(config.base_uri_layer())
+        .option_layer(config.auth_layer()?)
+        .layer(config.extra_headers_layer()?)
+        .map_err(tower::BoxError::from)
+        .service(client);
+    Ok(Client::new(service, config.default_namespace))
 }

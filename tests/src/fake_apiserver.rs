@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -104,6 +105,15 @@ pub struct FakeApiServer {
     admit: Arc<Mutex<Option<Admit>>>,
     /// The latest resourceVersion, for in-process observers (controllers).
     changed: tokio::sync::watch::Sender<u64>,
+    traffic: Arc<Traffic>,
+}
+
+/// What clients did: connections served and requests by HTTP version.
+#[derive(Default)]
+struct Traffic {
+    connections: AtomicUsize,
+    requests: AtomicUsize,
+    http2_requests: AtomicUsize,
 }
 
 /// A failure `Status` object as the API server returns it.
@@ -250,7 +260,21 @@ impl FakeApiServer {
             bookmark_interval: Duration::from_millis(500),
             admit: Arc::new(Mutex::new(None)),
             changed: tokio::sync::watch::channel(1).0,
+            traffic: Arc::default(),
         }
+    }
+
+    /// Connections served so far (TLS: those whose handshake succeeded).
+    pub fn connections(&self) -> usize {
+        self.traffic.connections.load(Ordering::Relaxed)
+    }
+
+    /// Requests received so far, and how many of them came over HTTP/2.
+    pub fn requests(&self) -> (usize, usize) {
+        (
+            self.traffic.requests.load(Ordering::Relaxed),
+            self.traffic.http2_requests.load(Ordering::Relaxed),
+        )
     }
 
     /// Install the admission hook for creates and updates that arrive over HTTP (and through
@@ -598,8 +622,24 @@ impl FakeApiServer {
     }
 
     async fn handle(self, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+        self.traffic.requests.fetch_add(1, Ordering::Relaxed);
+        if req.version() == hyper::Version::HTTP_2 {
+            self.traffic.http2_requests.fetch_add(1, Ordering::Relaxed);
+        }
         let path = req.uri().path().to_owned();
         let q = query(req.uri().query());
+        if path == "/version" {
+            // Clients ask first (kubectl version, client-go's discovery, ferry's start).
+            return Ok(respond(
+                StatusCode::OK,
+                &json!({
+                    "major": "1", "minor": "33", "gitVersion": "v1.33.0-fake",
+                    "gitCommit": "0000000000000000000000000000000000000000",
+                    "gitTreeState": "clean", "buildDate": "2025-04-23T00:00:00Z",
+                    "goVersion": "go1.24.2", "compiler": "gc", "platform": "linux/amd64",
+                }),
+            ));
+        }
         let Some(t) = self.parse(&path) else {
             return Ok(respond(
                 StatusCode::NOT_FOUND,
@@ -729,10 +769,12 @@ impl FakeApiServer {
             .map_err(|e| format!("serving certificate: {e}"))?;
         let key = PrivateKeyDer::from_pem_slice(pair.key_pem.as_bytes())
             .map_err(|e| format!("serving key: {e}"))?;
-        let cfg = rustls::ServerConfig::builder()
+        let mut cfg = rustls::ServerConfig::builder()
             .with_no_client_auth()
             .with_single_cert(certs, key)
             .map_err(|e| format!("TLS configuration: {e}"))?;
+        // As kube-apiserver (Go's net/http): HTTP/2 when the client offers it, else HTTP/1.1.
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
         let l = Arc::new(listener);
         Ok(self.serve_accepted(
@@ -782,6 +824,7 @@ impl FakeApiServer {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        self.traffic.connections.fetch_add(1, Ordering::Relaxed);
         let svc = hyper::service::service_fn(move |req| self.clone().handle(req));
         let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
             .serve_connection(TokioIo::new(s), svc)

@@ -233,6 +233,15 @@ async fn discovery_over_tls_trusts_only_the_kubeconfig_ca() {
     let r = &p.readiness;
     eventually("ready over TLS", || async { r.check().is_ok() }).await;
     assert_eq!(p.snapshot.borrow().services.len(), 1);
+    // The server offers HTTP/2 (ALPN), as kube-apiserver does: every list and watch went over
+    // it, as streams of one connection (over HTTP/1.1 each watch holds a connection of its own).
+    let (requests, http2) = api.requests();
+    assert!(
+        requests >= 6,
+        "a list and a watch per kind, got {requests} requests"
+    );
+    assert_eq!(http2, requests, "requests over HTTP/2");
+    assert_eq!(api.connections(), 1, "connections to the API server");
     let _ = stop.send(true);
 
     // The same server, but the kubeconfig trusts another CA: the handshake fails, nothing syncs.
