@@ -170,24 +170,36 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client, Stri
         None => kube::Config::incluster()
             .map_err(|e| format!("in-cluster Kubernetes configuration: {e}"))?,
     };
-    build_client(config).map_err(|e| format!("Kubernetes client: {e}"))
+    build_client(config)
 }
 
 /// kube-rs's default client stack, except that it offers HTTP/2 to the API server (ALPN), as
 /// client-go does: every watch is then a stream of one connection, where kube-rs's HTTP/1.1
 /// client opens one TLS connection per watch (six per sidecar, each with its own buffers and
-/// API server connection). A server without HTTP/2 gets HTTP/1.1 as before.
-fn build_client(config: kube::Config) -> Result<Client, kube::Error> {
+/// API server connection). A server without HTTP/2 gets HTTP/1.1 as before. Everything else as
+/// kube-rs's `Client::try_from`: TLS settings, `tls-server-name`, auth, extra headers, retries of
+/// throttled requests, timeouts.
+fn build_client(config: kube::Config) -> Result<Client, String> {
     use kube::client::ConfigExt;
+    let err = |e: kube::Error| format!("Kubernetes client: {e}");
+    if let Some(proxy) = &config.proxy_url {
+        // kube-rs as built here has no proxy support either; say so rather than go direct.
+        return Err(format!(
+            "Kubernetes client: the kubeconfig's proxy-url {proxy} is not supported"
+        ));
+    }
     let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
     http.enforce_http(false);
     http.set_connect_timeout(config.connect_timeout);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(config.rustls_client_config()?)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
+    let mut https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config.rustls_client_config().map_err(err)?)
+        .https_or_http();
+    if let Some(name) = &config.tls_server_name {
+        let name = rustls_pki_types::ServerName::try_from(name.clone())
+            .map_err(|e| format!("Kubernetes client: tls-server-name {name:?}: {e}"))?;
+        https = https.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name));
+    }
+    let https = https.enable_http1().enable_http2().wrap_connector(http);
     let mut timed = hyper_timeout::TimeoutConnector::new(https);
     // A watch is silent between events; a bookmark comes at least once a minute, so a read
     // timeout well beyond the server's watch timeout (kube-runtime asks for 290 s) only ends a
@@ -196,10 +208,14 @@ fn build_client(config: kube::Config) -> Result<Client, kube::Error> {
     timed.set_write_timeout(config.write_timeout);
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build(timed);
+    let retry = config
+        .default_retry
+        .then(|| tower::retry::RetryLayer::new(kube::client::retry::RetryPolicy::server_retry()));
     let service = tower::ServiceBuilder::new()
         .layer(config.base_uri_layer())
-        .option_layer(config.auth_layer()?)
-        .layer(config.extra_headers_layer()?)
+        .option_layer(retry)
+        .option_layer(config.auth_layer().map_err(err)?)
+        .layer(config.extra_headers_layer().map_err(err)?)
         .map_err(tower::BoxError::from)
         .service(client);
     Ok(Client::new(service, config.default_namespace))

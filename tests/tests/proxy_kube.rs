@@ -260,6 +260,72 @@ async fn discovery_over_tls_trusts_only_the_kubeconfig_ca() {
     let _ = std::fs::remove_file(&kc);
 }
 
+/// A kubeconfig's `tls-server-name`: the server is dialled by address, its certificate names
+/// only the Service's DNS name, and verification checks that name (as kube-rs's own stack does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_over_tls_honours_tls_server_name() {
+    let pki = ferry_tests::tls::Pki::new("fake-cluster-ca");
+    let api = FakeApiServer::new(default_kinds(true));
+    api.apply(service());
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let server = api
+        .serve_tls(l, &pki.issue(&["kubernetes.default.svc"], 2099))
+        .expect("serve");
+    let kc = write_kubeconfig(addr, "tls-server-name");
+    let plain = FakeApiServer::kubeconfig_tls(addr, &pki.ca_pem());
+
+    // Without the name, the certificate does not match the address: nothing syncs.
+    std::fs::write(&kc, &plain).expect("write");
+    let (p, stop) = proxy(&kc).await;
+    assert_not_synced(
+        &p,
+        Duration::from_millis(1500),
+        "not ready: the certificate names kubernetes.default.svc, not the address",
+    )
+    .await;
+    let _ = stop.send(true);
+
+    let named = plain.replace(
+        "certificate-authority-data:",
+        "tls-server-name: kubernetes.default.svc\n    certificate-authority-data:",
+    );
+    assert_ne!(named, plain, "kubeconfig layout changed");
+    std::fs::write(&kc, named).expect("write");
+    let (p, stop) = proxy(&kc).await;
+    let r = &p.readiness;
+    eventually("ready with tls-server-name", || async { r.check().is_ok() }).await;
+    assert_eq!(p.snapshot.borrow().services.len(), 1);
+    server.abort();
+    let _ = stop.send(true);
+    let _ = std::fs::remove_file(&kc);
+}
+
+/// A kubeconfig asking for a proxy the client cannot use is refused with the reason, never
+/// silently bypassed.
+#[tokio::test]
+async fn a_kubeconfig_proxy_url_is_refused_not_ignored() {
+    let addr: SocketAddr = "127.0.0.1:6443".parse().expect("addr");
+    let kc = write_kubeconfig(addr, "proxy-url");
+    let with_proxy = FakeApiServer::kubeconfig(addr).replace(
+        &format!("server: http://{addr}"),
+        &format!("server: http://{addr}\n    proxy-url: http://127.0.0.1:3128"),
+    );
+    assert!(
+        with_proxy.contains("proxy-url"),
+        "kubeconfig layout changed"
+    );
+    std::fs::write(&kc, with_proxy).expect("write");
+    let err = ferry_proxy::k8s::client(Some(&kc))
+        .await
+        .err()
+        .expect("a proxy-url must be refused");
+    assert!(err.contains("proxy-url http://127.0.0.1:3128/"), "{err}");
+    let _ = std::fs::remove_file(&kc);
+}
+
 #[test]
 fn label_selector_syntax() {
     let labels: serde_json::Map<String, serde_json::Value> =
