@@ -213,10 +213,16 @@ async fn a_malformed_object_is_rejected_alone() {
     let _ = std::fs::remove_file(&kc);
 }
 
-/// The API server is HTTPS-only in a cluster: discovery works over TLS trusting only the
-/// kubeconfig's CA, and does not when the server's certificate is from another CA.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn discovery_over_tls_trusts_only_the_kubeconfig_ca() {
+/// A fake API server over TLS holding one Service, its certificate issued for `name` by a
+/// fresh cluster CA.
+async fn tls_api_server(
+    name: &str,
+) -> (
+    ferry_tests::tls::Pki,
+    FakeApiServer,
+    SocketAddr,
+    tokio::task::JoinHandle<()>,
+) {
     let pki = ferry_tests::tls::Pki::new("fake-cluster-ca");
     let api = FakeApiServer::new(default_kinds(true));
     api.apply(service());
@@ -224,9 +230,15 @@ async fn discovery_over_tls_trusts_only_the_kubeconfig_ca() {
         .await
         .expect("bind");
     let addr = l.local_addr().expect("addr");
-    let server = api
-        .serve_tls(l, &pki.issue(&["127.0.0.1"], 2099))
-        .expect("serve");
+    let server = api.serve_tls(l, &pki.issue(&[name], 2099)).expect("serve");
+    (pki, api, addr, server)
+}
+
+/// The API server is HTTPS-only in a cluster: discovery works over TLS trusting only the
+/// kubeconfig's CA, and does not when the server's certificate is from another CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_over_tls_trusts_only_the_kubeconfig_ca() {
+    let (pki, api, addr, server) = tls_api_server("127.0.0.1").await;
     let kc = write_kubeconfig(addr, "tls");
     std::fs::write(&kc, FakeApiServer::kubeconfig_tls(addr, &pki.ca_pem())).expect("write");
     let (p, stop) = proxy(&kc).await;
@@ -264,16 +276,7 @@ async fn discovery_over_tls_trusts_only_the_kubeconfig_ca() {
 /// only the Service's DNS name, and verification checks that name (as kube-rs's own stack does).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discovery_over_tls_honours_tls_server_name() {
-    let pki = ferry_tests::tls::Pki::new("fake-cluster-ca");
-    let api = FakeApiServer::new(default_kinds(true));
-    api.apply(service());
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = l.local_addr().expect("addr");
-    let server = api
-        .serve_tls(l, &pki.issue(&["kubernetes.default.svc"], 2099))
-        .expect("serve");
+    let (pki, _api, addr, server) = tls_api_server("kubernetes.default.svc").await;
     let kc = write_kubeconfig(addr, "tls-server-name");
     let plain = FakeApiServer::kubeconfig_tls(addr, &pki.ca_pem());
 
