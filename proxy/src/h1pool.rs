@@ -20,8 +20,8 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tracing::debug;
 
-pub use crate::h2pool::Error;
 use crate::transport;
+pub use crate::transport::UpstreamError as Error;
 
 /// Idle connections kept per endpoint (more in flight at once are closed when they finish).
 pub const MAX_IDLE_PER_ENDPOINT: usize = 64;
@@ -315,12 +315,10 @@ mod tests {
                 .expect("response");
             assert_eq!(text(r).await, format!("/c/{i} {addr}"));
             // Let the close be seen (as between real requests).
-            for _ in 0..50 {
-                if closed.load(Ordering::SeqCst) > i {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            crate::testing::until(50, Duration::from_millis(5), || {
+                closed.load(Ordering::SeqCst) > i
+            })
+            .await;
         }
         assert_eq!(opened.load(Ordering::SeqCst), 4);
         assert_eq!(pool.open(addr), 0);
@@ -336,12 +334,10 @@ mod tests {
             .expect("response");
         text(r).await;
         assert_eq!(pool.open(addr), 1);
-        for _ in 0..100 {
-            if closed.load(Ordering::SeqCst) == 1 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        crate::testing::until(100, Duration::from_millis(20), || {
+            closed.load(Ordering::SeqCst) == 1
+        })
+        .await;
         assert_eq!(
             closed.load(Ordering::SeqCst),
             1,

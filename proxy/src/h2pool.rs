@@ -23,38 +23,9 @@ use tracing::debug;
 use crate::coalesce::Coalesce;
 use crate::transport;
 
+pub use crate::transport::UpstreamError as Error;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// Why a request through the pool failed.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// No connection to the endpoint (refused, unreachable, timed out).
-    #[error("connecting to {0}: {1}")]
-    Connect(SocketAddr, #[source] std::io::Error),
-    #[error("handshake with {0}: {1}")]
-    Handshake(SocketAddr, #[source] BoxError),
-    /// HTTP/1.1 (the HTTP/1.1 pool shares this type).
-    #[error(transparent)]
-    Http(#[from] hyper::Error),
-    /// The HTTP/2 stream or connection failed.
-    #[error("HTTP/2: {0}")]
-    H2(#[from] h2::Error),
-}
-
-impl Error {
-    pub fn is_connect(&self) -> bool {
-        matches!(self, Error::Connect(..) | Error::Handshake(..))
-    }
-
-    pub fn is_timeout(&self) -> bool {
-        matches!(self, Error::Connect(_, e) if e.kind() == std::io::ErrorKind::TimedOut)
-    }
-
-    /// The peer refused the stream (REFUSED_STREAM: it did no work on it, so a retry is safe).
-    pub fn is_refused_stream(&self) -> bool {
-        matches!(self, Error::H2(e) if e.reason() == Some(h2::Reason::REFUSED_STREAM))
-    }
-}
 
 /// Flow-control windows and send buffer: hyper's client defaults, which the proxy used before
 /// (h2's own 64 KiB windows would throttle a large response to one round trip per window).
@@ -454,18 +425,13 @@ mod tests {
     #[tokio::test]
     async fn a_server_that_does_not_speak_http2_fails_the_request_not_the_connect() {
         // Answers like an HTTP/1.1 server to the preface, then closes.
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = l.local_addr().expect("addr");
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                use tokio::io::AsyncWriteExt;
-                let _ = s
-                    .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
-                    .await;
-            }
-        });
+        let (addr, _, _) = crate::testing::counting_server(|mut s| async move {
+            use tokio::io::AsyncWriteExt;
+            let _ = s
+                .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                .await;
+        })
+        .await;
         let pool = H2Pool::new(crate::testing::dial(), Duration::from_secs(60));
         let e = pool.send(addr, get("x")).await.expect_err("not HTTP/2");
         assert!(!e.is_connect(), "{e}");
@@ -474,26 +440,19 @@ mod tests {
     #[tokio::test]
     async fn a_refused_stream_is_told_apart_from_other_resets() {
         // Refuses `/refuse`, resets anything else with INTERNAL_ERROR.
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = l.local_addr().expect("addr");
-        tokio::spawn(async move {
-            while let Ok((s, _)) = l.accept().await {
-                tokio::spawn(async move {
-                    let Ok(mut conn) = h2::server::handshake(s).await else {
-                        return;
-                    };
-                    while let Some(Ok((req, mut respond))) = conn.accept().await {
-                        respond.send_reset(if req.uri().path() == "/refuse" {
-                            h2::Reason::REFUSED_STREAM
-                        } else {
-                            h2::Reason::INTERNAL_ERROR
-                        });
-                    }
+        let (addr, _, _) = crate::testing::counting_server(|s| async move {
+            let Ok(mut conn) = h2::server::handshake(s).await else {
+                return;
+            };
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
+                respond.send_reset(if req.uri().path() == "/refuse" {
+                    h2::Reason::REFUSED_STREAM
+                } else {
+                    h2::Reason::INTERNAL_ERROR
                 });
             }
-        });
+        })
+        .await;
         let pool = H2Pool::new(crate::testing::dial(), Duration::from_secs(60));
         let req = |path: &str| {
             Request::get(format!("http://svc{path}"))

@@ -1460,14 +1460,7 @@ impl Proxy {
                         return self.finish(tags, started, resp, &c, &line, req_len);
                     };
                     match (h2, settings) {
-                        (true, Some(s)) => {
-                            let pool = pooled(&self.custom.h2, s, || Arc::new(h2_pool(false, s)));
-                            Box::pin(async move { pool.send(endpoint, r).await.map(boxed) })
-                                as Pin<Box<dyn Future<Output = _> + Send + '_>>
-                        }
-                        (true, None) => {
-                            Box::pin(async move { self.h2_out.send(endpoint, r).await.map(boxed) })
-                        }
+                        (true, s) => self.send_h2(true, s, endpoint, r),
                         (false, s) => {
                             let client = match s {
                                 Some(s) => pooled(&self.custom.buffered, s, || h1_pool(false, s)),
@@ -1484,15 +1477,7 @@ impl Proxy {
                     };
                     let outbound = c.dir != Direction::Inbound;
                     match (h2, settings.filter(|_| outbound)) {
-                        (true, Some(s)) => {
-                            let pool = pooled(&self.custom.h2, s, || Arc::new(h2_pool(false, s)));
-                            Box::pin(async move { pool.send(endpoint, r).await.map(boxed) })
-                                as Pin<Box<dyn Future<Output = _> + Send + '_>>
-                        }
-                        (true, None) => {
-                            let pool = if outbound { &self.h2_out } else { &self.h2_in };
-                            Box::pin(async move { pool.send(endpoint, r).await.map(boxed) })
-                        }
+                        (true, s) => self.send_h2(outbound, s, endpoint, r),
                         (false, s) => {
                             let client = match (outbound, s) {
                                 (_, Some(s)) => {
@@ -1845,6 +1830,31 @@ impl Proxy {
             LoadBalancer::HashSourceIp => hash(Some(c.peer.ip().to_string())),
         };
         Ok((eps[i].addr, eps[i].sidecar))
+    }
+
+    /// An HTTP/2 request to `endpoint`: through the pool for a DestinationRule's connection
+    /// `settings`, else the direction's shared pool. One boxed future, as the HTTP/1.1 arms.
+    fn send_h2<B>(
+        &self,
+        outbound: bool,
+        settings: Option<Settings>,
+        endpoint: SocketAddr,
+        r: Request<B>,
+    ) -> Pin<Box<dyn Future<Output = Result<Response<Body>, crate::h2pool::Error>> + Send + '_>>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        match settings {
+            Some(s) => {
+                let pool = pooled(&self.custom.h2, s, || Arc::new(h2_pool(false, s)));
+                Box::pin(async move { pool.send(endpoint, r).await.map(boxed) })
+            }
+            None => {
+                let pool = if outbound { &self.h2_out } else { &self.h2_in };
+                Box::pin(async move { pool.send(endpoint, r).await.map(boxed) })
+            }
+        }
     }
 
     /// HTTP/1.1 Upgrade (websocket): forward the handshake on a fresh connection, then relay bytes.

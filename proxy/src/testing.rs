@@ -41,3 +41,14 @@ where
     });
     (addr, opened, closed)
 }
+
+/// Waits until `done` holds, checking every `step`, at most `tries` times; whether it held.
+pub async fn until(tries: usize, step: std::time::Duration, done: impl Fn() -> bool) -> bool {
+    for _ in 0..tries {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(step).await;
+    }
+    done()
+}

@@ -92,3 +92,40 @@ impl Dial {
         Ok(s)
     }
 }
+
+/// Why a request through an upstream pool (`h1pool`, `h2pool`) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// No connection to the endpoint (refused, unreachable, timed out).
+    #[error("connecting to {0}: {1}")]
+    Connect(SocketAddr, #[source] std::io::Error),
+    #[error("handshake with {0}: {1}")]
+    Handshake(
+        SocketAddr,
+        #[source] Box<dyn std::error::Error + Send + Sync>,
+    ),
+    /// HTTP/1.1.
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+    /// The HTTP/2 stream or connection failed.
+    #[error("HTTP/2: {0}")]
+    H2(#[from] h2::Error),
+}
+
+impl UpstreamError {
+    pub fn is_connect(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Connect(..) | UpstreamError::Handshake(..)
+        )
+    }
+
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, UpstreamError::Connect(_, e) if e.kind() == std::io::ErrorKind::TimedOut)
+    }
+
+    /// The peer refused the stream (REFUSED_STREAM: it did no work on it, so a retry is safe).
+    pub fn is_refused_stream(&self) -> bool {
+        matches!(self, UpstreamError::H2(e) if e.reason() == Some(h2::Reason::REFUSED_STREAM))
+    }
+}
