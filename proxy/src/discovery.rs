@@ -186,7 +186,8 @@ pub struct Snapshot {
     pub services: Vec<Arc<Service>>,
     by_vip: crate::FastMap<SocketAddr, Arc<Service>>,
     by_host: crate::FastMap<String, Arc<Service>>,
-    by_endpoint: crate::FastMap<SocketAddr, Arc<Service>>,
+    /// Each endpoint's service (ready or not), and the protocol its service port declares.
+    by_endpoint: crate::FastMap<SocketAddr, (Arc<Service>, Protocol)>,
     pods: crate::FastMap<IpAddr, Arc<Workload>>,
     /// VirtualServices and DestinationRules as given (routing is the next layer's job); moved
     /// into `istio_text` by [`Snapshot::compact`] once everything is compiled.
@@ -373,6 +374,7 @@ impl Snapshot {
                 .collect();
             // Endpoints: slices labelled kubernetes.io/service-name=<name> in the namespace.
             let mut endpoints: BTreeMap<u16, Vec<Endpoint>> = BTreeMap::new();
+            let mut members: Vec<(SocketAddr, Protocol)> = Vec::new();
             for slice in slices.iter().filter(|sl| {
                 sl.metadata.namespace.as_deref().unwrap_or("default") == ns
                     && sl
@@ -397,13 +399,16 @@ impl Snapshot {
                     for ep in slice.endpoints.iter().flatten() {
                         // Ready, or serving while terminating (graceful shutdown), as kube-proxy does.
                         let c = ep.conditions.clone().unwrap_or_default();
-                        if c.ready == Some(false) && c.serving != Some(true) {
-                            continue;
-                        }
+                        let serving = c.ready != Some(false) || c.serving == Some(true);
                         for a in &ep.addresses {
                             let Ok(ip) = a.parse::<IpAddr>() else {
                                 continue;
                             };
+                            // Ready or not, the pod's port is what its service port declares.
+                            members.push((SocketAddr::new(ip, port), sp.protocol));
+                            if !serving {
+                                continue;
+                            }
                             let workload = snap.pods.get(&ip);
                             endpoints.entry(sp.port).or_default().push(Endpoint {
                                 addr: SocketAddr::new(ip, port),
@@ -430,10 +435,10 @@ impl Snapshot {
                         .insert(SocketAddr::new(*ip, p.port), svc.clone());
                 }
             }
-            for e in svc.endpoints.values().flatten() {
+            for (addr, protocol) in members {
                 snap.by_endpoint
-                    .entry(e.addr)
-                    .or_insert_with(|| svc.clone());
+                    .entry(addr)
+                    .or_insert_with(|| (svc.clone(), protocol));
             }
             for h in [
                 format!("{name}.{ns}.svc.{domain}"),
@@ -554,7 +559,18 @@ impl Snapshot {
     pub fn service_for_endpoint(&self, addr: SocketAddr) -> Option<Arc<Service>> {
         self.by_endpoint
             .get(&SocketAddr::new(addr.ip().to_canonical(), addr.port()))
-            .cloned()
+            .map(|(s, _)| s.clone())
+    }
+
+    /// The protocol declared for a pod IP:port by the service port it is an endpoint of, ready
+    /// or not (Unknown when it is none's): what an inbound connection, or an outbound one dialled to
+    /// a pod IP, is served as. Istio's inbound listener picks its filter chain by the pod's
+    /// service ports the same way, and outbound a declared HTTP port has its own listener and
+    /// a declared TCP port's pod IPs pass through unsniffed.
+    pub fn endpoint_protocol(&self, addr: SocketAddr) -> Protocol {
+        self.by_endpoint
+            .get(&SocketAddr::new(addr.ip().to_canonical(), addr.port()))
+            .map_or(Protocol::Unknown, |(_, p)| *p)
     }
 
     pub fn workload(&self, ip: IpAddr) -> Option<Arc<Workload>> {
@@ -709,6 +725,29 @@ status: {podIP: 10.1.0.1}
                 .map(|s| s.name.clone())
                 .as_deref(),
             Some("reviews")
+        );
+        // A pod IP:port is served as its service port declares (inbound, or dialled directly).
+        let declared = |a: &str| snap.endpoint_protocol(a.parse().expect("addr"));
+        assert_eq!(
+            declared("10.1.0.1:8080"),
+            Protocol::Http,
+            "targetPort of http"
+        );
+        assert_eq!(declared("10.1.0.1:9090"), Protocol::Grpc);
+        assert_eq!(
+            declared("10.1.0.1:7777"),
+            Protocol::Unknown,
+            "no service port"
+        );
+        assert_eq!(
+            declared("10.1.0.9:8080"),
+            Protocol::Http,
+            "not ready: still declared"
+        );
+        assert_eq!(
+            declared("10.1.0.2:8080"),
+            Protocol::Unknown,
+            "not an endpoint"
         );
         assert!(matches!(
             snap.target("10.1.0.1:7777".parse().expect("addr")),

@@ -639,7 +639,8 @@ impl Proxy {
                     .port(*port)
                     .map(|p| p.protocol)
                     .unwrap_or(Protocol::Unknown),
-                _ => Protocol::Unknown,
+                // Inbound (the pod's own port) or a pod IP: its service port's declaration.
+                _ => snap.endpoint_protocol(orig),
             };
             let detected = match declared {
                 Protocol::Tcp | Protocol::Tls => Detected::Opaque,

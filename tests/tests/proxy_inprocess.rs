@@ -596,6 +596,51 @@ async fn tls_is_passed_through_by_sni() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A pod's port declared TCP by its service (`tcp-*`, or `appProtocol: tcp`) is relayed as
+/// bytes at once, inbound and when dialled by pod IP: a server-first protocol on a port outside
+/// the well-known list is not held for protocol detection (here an hour, so a sniff would hang
+/// the test), and HTTP-looking bytes on it are not parsed as requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declared_tcp_ports_are_relayed_unsniffed_inbound_and_to_pod_ips() {
+    let greeter = upstream::server_first(b"* OK custom ready\r\n").await;
+    let dir = tmpdir("declared-tcp");
+    std::fs::write(
+        dir.join("registry.yaml"),
+        registry("10.96.0.31", 7100, &[greeter], "tcp-custom"),
+    )
+    .expect("write");
+    let mut cfg = config(Some(dir.clone()), OutboundPolicy::AllowAny);
+    cfg.detection_timeout = Duration::from_secs(3600);
+    // The original destination is the pod's own port (inbound) or its IP:port (outbound).
+    let p = start(cfg, greeter).await;
+    ready(&p).await;
+    for listener in [p.running.addrs.inbound, p.running.addrs.outbound] {
+        let mut s = TcpStream::connect(local(listener)).await.expect("connect");
+        let mut greet = [0u8; 19];
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut greet))
+            .await
+            .expect("the greeting waited for the client: the declared port was sniffed")
+            .expect("read");
+        assert_eq!(&greet, b"* OK custom ready\r\n");
+        // Bytes that look like HTTP go through as they are.
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("write");
+    }
+    let m = p.running.metrics.encode();
+    for reporter in ["destination", "source"] {
+        assert!(
+            m.contains(&format!(
+                "istio_tcp_connections_opened_total{{reporter=\"{reporter}\""
+            )),
+            "{reporter}: {m}"
+        );
+    }
+    assert!(!m.contains("istio_requests_total{"), "{m}");
+    let _ = p.stop.send(true);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Metric labels are built once per connection and label-set change: a configuration update
 /// between two requests on one keep-alive connection must show in the second one's labels.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
