@@ -15,7 +15,7 @@ paths = []
 for r in records:
     if r["path"] not in paths:
         paths.append(r["path"])
-colors = {"direct": "#888888", "ferry": "#1f77b4", "nginx": "#2ca02c", "haproxy": "#d62728"}
+colors = {"direct": "#888888", "ferry": "#1f77b4", "ferry-l4": "#9ecae1", "nginx": "#2ca02c", "haproxy": "#d62728"}
 
 
 def med(scenario, path, key):

@@ -1,6 +1,7 @@
 //! The benchmark suite runs end to end: a short `ferry-bench` (one run, one second per cell)
-//! over direct and ferry, HTTP/1.1 at a fixed rate, HTTP/2 max, TCP and config churn, and a
-//! flame graph of HTTP/2 max. Checks that every cell measured something, ferry made no errors
+//! over direct, ferry and ferry-l4 (the suite fails a cell whose sidecars' metrics show the
+//! other layer), HTTP/1.1 at a fixed rate, HTTP/2 max, TCP and config churn, and a flame graph
+//! of HTTP/2 max. Checks that every cell measured something, ferry made no errors
 //! and the flame graph holds the sidecars' own frames, never how fast anything was (speed is the
 //! suite's report, not a test's verdict). Root, the load tools and perf; fails under CI=true
 //! without them.
@@ -42,7 +43,7 @@ fn the_suite_measures_every_cell_through_real_sidecars() {
             "--rate",
             "200",
             "--paths",
-            "direct,ferry",
+            "direct,ferry,ferry-l4",
             "--scenarios",
             "h1-fixed,h2-max,tcp,config-churn",
             "--flamegraph",
@@ -67,7 +68,8 @@ fn the_suite_measures_every_cell_through_real_sidecars() {
         &std::fs::read_to_string(out.join("results.json")).expect("results.json"),
     )
     .expect("records");
-    assert_eq!(records.len(), 8, "{log}");
+    // ferry-l4 only where it is a floor for an HTTP path: h1-fixed and h2-max here.
+    assert_eq!(records.len(), 10, "{log}");
     for r in &records {
         let what = format!("{} via {}", r.scenario.name(), r.path);
         assert!(r.failed.is_none(), "{what}: {:?}", r.failed);
@@ -79,7 +81,7 @@ fn the_suite_measures_every_cell_through_real_sidecars() {
                 "{what}: nothing measured"
             ),
         }
-        if r.path == "ferry" {
+        if r.path.starts_with("ferry") {
             // Both sidecars were found and sampled (uid 1337 in the two pods).
             assert_eq!(r.usage.procs, 2, "{what}: {:?}", r.usage);
             assert!(

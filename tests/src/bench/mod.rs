@@ -2,6 +2,8 @@
 //! `ferry-init`'s real capture rules, the app (nginx, iperf3) in the server pod, a sidecar in
 //! each pod as uid 1337, the load generator in the client pod; every scenario runs against
 //! every path (direct, ferry, nginx, HAProxy) in one run, repeated, with medians reported.
+//! ferry's L4 path (`ferry-l4`: the same binary with the app's ports declared as TCP, so
+//! relayed as bytes) measures, in the same run, the floor any HTTP-aware sidecar is held to.
 //!
 //! CPU placement follows the shared rig: the load generator on one CPU, the app and both
 //! sidecars on the other, so "max throughput" is what one shared core sustains — a CPU
@@ -87,6 +89,16 @@ impl Scenario {
         matches!(self, Scenario::Routes1k | Scenario::ConfigChurn)
     }
 
+    /// Whether this scenario is measured on `path`: ferry's L4 path (the same binary relaying
+    /// the app's ports as opaque TCP) only where it is the floor an HTTP path can be held to.
+    pub fn runs_on(self, path: &str) -> bool {
+        match path {
+            "ferry" | "direct" => true,
+            peers::FERRY_L4 => !self.ferry_only() && self != Scenario::Tcp,
+            _ => !self.ferry_only(),
+        }
+    }
+
     /// Rules in the app's VirtualService for this scenario.
     fn rules(self) -> usize {
         if self == Scenario::Routes1k { 1000 } else { 2 }
@@ -149,7 +161,7 @@ impl Record {
 /// loopback inside each pod.
 struct Api {
     server: crate::fake_apiserver::FakeApiServer,
-    /// The fake cluster's CA (the sidecars' kubeconfig trusts it).
+    /// The fake cluster's CA (the sidecars' service account's `ca.crt`).
     ca_pem: String,
     /// Serves the API while held.
     _rt: tokio::runtime::Runtime,
@@ -172,7 +184,10 @@ impl Api {
             server.apply(obj);
         }
         server.apply(peers::virtual_service(2, 0));
-        let addr: std::net::SocketAddr = peers::API_ADDR.parse().map_err(|e| format!("{e}"))?;
+        let addr = std::net::SocketAddr::new(
+            peers::API_HOST.parse().map_err(|e| format!("{e}"))?,
+            peers::API_PORT,
+        );
         let pki = crate::tls::Pki::new("ferry-bench-cluster-ca");
         let cert = pki.issue(&[&addr.ip().to_string()], 2099);
         for ns in [&t.client_ns, &t.server_ns] {
@@ -195,12 +210,12 @@ pub fn run(opts: &Opts) -> Result<Vec<Record>, String> {
     let state = opts.out.join("state");
     let t = Topology::up("fbench", "10.77.0", &state, &opts.sut_cpus)?;
     let api = Api::start(&t)?;
-    let kubeconfig = state.join("kubeconfig");
-    std::fs::write(&kubeconfig, peers::kubeconfig(&api.ca_pem)).map_err(|e| e.to_string())?;
+    let service_account = state.join("serviceaccount");
+    peers::service_account(&service_account, &api.ca_pem)?;
     let cars = Sidecars {
         proxy: opts.proxy.clone(),
         netcheck: opts.netcheck.clone(),
-        kubeconfig,
+        service_account,
         scheduling: opts.scheduling.clone(),
     };
     let rig = Rig {
@@ -213,7 +228,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Record>, String> {
     for run in 0..opts.repeat {
         for &scenario in &opts.scenarios {
             for path in &opts.paths {
-                if scenario.ferry_only() && !matches!(path.as_str(), "ferry" | "direct") {
+                if !scenario.runs_on(path) {
                     continue;
                 }
                 eprintln!(
@@ -357,6 +372,10 @@ fn one(
         }
         api.server
             .apply(peers::virtual_service(scenario.rules(), 0));
+        // The app's ports as declared for this path (opaque TCP for ferry's L4 path).
+        for obj in peers::app_service(t, path == peers::FERRY_L4) {
+            api.server.apply(obj);
+        }
         let dir = opts
             .out
             .join("sidecars")
@@ -432,6 +451,9 @@ fn one(
         let (l, retrans) = measured?;
         rec.load = l;
         rec.retransmits = retrans;
+        if peers::is_ferry(path) && scenario != Scenario::Tcp {
+            checked_layer(t, cars, path)?;
+        }
         Ok(())
     })();
     if proxied {
@@ -441,6 +463,32 @@ fn one(
         rec.failed = Some(e);
     }
     rec
+}
+
+/// A ferry cell measured what its path says: HTTP requests through `ferry`, only relayed
+/// connections through `ferry-l4` (its figures would otherwise be the HTTP path's), read from
+/// the two sidecars' own metrics.
+fn checked_layer(t: &Topology, cars: &Sidecars, path: &str) -> Result<(), String> {
+    let total = |name: &str| -> Result<f64, String> {
+        [&t.client_ns, &t.server_ns]
+            .into_iter()
+            .map(|ns| {
+                peers::metric_total(ns, cars, name)
+                    .ok_or_else(|| format!("no {name} from the sidecar in {ns}"))
+            })
+            .sum()
+    };
+    let requests = total("istio_requests_total")?;
+    let relayed = total("istio_tcp_connections_opened_total")?;
+    let l4 = path == peers::FERRY_L4;
+    if l4 && (requests > 0.0 || relayed == 0.0) || !l4 && requests == 0.0 {
+        return Err(format!(
+            "{path}: the sidecars counted {} HTTP requests and {} relayed TCP connections; the \
+             cell did not measure this path",
+            requests as u64, relayed as u64
+        ));
+    }
+    Ok(())
 }
 
 /// Run the scenario's load generator for `secs`; the load and TCP retransmits.

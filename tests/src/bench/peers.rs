@@ -13,8 +13,11 @@ use super::topo::{APP_H1, APP_H2, APP_TCP, PROXY_UID, Place, Proc, Topology, wai
 /// The service the load is addressed to (its Host / :authority).
 pub const HOST: &str = "app.bench.svc.cluster.local";
 pub const NAMESPACE: &str = "bench";
+/// ferry with the app's ports declared as opaque TCP: the floor an HTTP-aware path is held to.
+pub const FERRY_L4: &str = "ferry-l4";
 /// Where each pod reaches the fake API server (loopback: never captured).
-pub const API_ADDR: &str = "127.0.0.1:16443";
+pub const API_HOST: &str = "127.0.0.1";
+pub const API_PORT: u16 = 16443;
 
 /// What a stand-in must speak on its listeners.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,7 +31,8 @@ pub enum Phase {
 pub struct Sidecars {
     pub proxy: PathBuf,
     pub netcheck: PathBuf,
-    pub kubeconfig: PathBuf,
+    /// The service account files ferry reads in-cluster (see [`service_account`]).
+    pub service_account: PathBuf,
     /// ferry-proxy's --scheduling.
     pub scheduling: String,
 }
@@ -109,22 +113,46 @@ pub fn registry(t: &Topology) -> Vec<Value> {
                "spec": {"containers": [{"name": "app", "image": "bench"}]},
                "status": {"podIP": ip, "phase": "Running"}})
     };
+    let mut objects =
+        vec![json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})];
+    objects.extend(app_service(t, false));
+    objects.push(pod("client-0", &t.client_ip, "client"));
+    objects.push(pod("app-0", &t.server_ip, "app"));
+    objects
+}
+
+/// The app's Service and EndpointSlice. With `opaque` every port is declared TCP
+/// (`appProtocol: tcp`, which Istio reads before the port's name, and which the EndpointSlice
+/// controller copies to the slice's ports), so ferry relays the HTTP ports' bytes without
+/// parsing them: the [`FERRY_L4`] path.
+pub fn app_service(t: &Topology, opaque: bool) -> Vec<Value> {
+    let port = |name: &str, port: u16, target: bool| {
+        let mut p = json!({"name": name, "port": port});
+        if target {
+            p["targetPort"] = json!(port);
+        }
+        if opaque {
+            p["appProtocol"] = json!("tcp");
+        }
+        p
+    };
+    let ports = |target: bool| {
+        json!([
+            port("http", APP_H1, target),
+            port("http2-app", APP_H2, target),
+            port("tcp-bulk", APP_TCP, target)
+        ])
+    };
     vec![
-        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}),
         json!({"apiVersion": "v1", "kind": "Service",
                "metadata": {"name": "app", "namespace": NAMESPACE},
-               "spec": {"clusterIP": "10.96.77.10", "selector": {"app": "app"}, "ports": [
-                   {"name": "http", "port": APP_H1, "targetPort": APP_H1},
-                   {"name": "http2-app", "port": APP_H2, "targetPort": APP_H2},
-                   {"name": "tcp-bulk", "port": APP_TCP, "targetPort": APP_TCP}]}}),
+               "spec": {"clusterIP": "10.96.77.10", "selector": {"app": "app"}, "ports": ports(true)}}),
         json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
                "metadata": {"name": "app-1", "namespace": NAMESPACE, "labels": {"kubernetes.io/service-name": "app"}},
                "addressType": "IPv4",
-               "ports": [{"name": "http", "port": APP_H1}, {"name": "http2-app", "port": APP_H2}, {"name": "tcp-bulk", "port": APP_TCP}],
+               "ports": ports(false),
                "endpoints": [{"addresses": [t.server_ip], "conditions": {"ready": true},
                               "targetRef": {"kind": "Pod", "name": "app-0", "namespace": NAMESPACE}}]}),
-        pod("client-0", &t.client_ip, "client"),
-        pod("app-0", &t.server_ip, "app"),
     ]
 }
 
@@ -152,17 +180,72 @@ pub fn virtual_service(rules: usize, generation: u64) -> Value {
            "spec": {"hosts": [HOST], "http": http}})
 }
 
-/// The kubeconfig each ferry sidecar reads: HTTPS, trusting only the fake cluster's CA, as a
-/// pod's in-cluster configuration does (so the sidecars run the TLS client code they run in a
-/// cluster, and do not load the system's root certificates).
-pub fn kubeconfig(ca_pem: &str) -> String {
-    crate::fake_apiserver::FakeApiServer::kubeconfig_tls(
-        API_ADDR.parse().expect("API address"),
-        ca_pem,
-    )
+/// Where a pod's containers find their service account (kube-rs's in-cluster configuration
+/// reads these fixed paths).
+const SERVICE_ACCOUNT_MOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// Write the service account files a pod's containers see (token, the cluster's CA, namespace)
+/// to `dir`. ferry reads them through its in-cluster configuration, as in a pod: HTTPS to
+/// `KUBERNETES_SERVICE_HOST`, trusting only the fake cluster's CA, a bearer token (so the
+/// sidecars run the code they run in a cluster; a kubeconfig would add a YAML parser's start-up
+/// code, and the system's root certificates were loaded over plain HTTP).
+pub fn service_account(dir: &Path, ca_pem: &str) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for (name, text) in [
+        ("token", "ferry-bench-token"),
+        ("ca.crt", ca_pem),
+        ("namespace", NAMESPACE),
+    ] {
+        let file = dir.join(name);
+        std::fs::write(&file, text).map_err(|e| format!("{}: {e}", file.display()))?;
+    }
+    Ok(())
 }
 
-/// Start one sidecar per pod for `path` ("ferry", "nginx" or "haproxy"); returns when both
+/// `argv` run as uid 1337 in a mount namespace of its own where `sa` is mounted where a pod's
+/// service account is: a tmpfs over `/var/run` (of that namespace only; the host's is
+/// untouched) holding a copy of the files.
+fn with_service_account(sa: &Path, argv: Vec<String>) -> Vec<String> {
+    let script = format!(
+        "set -e; mount -t tmpfs -o size=1m,mode=0755 ferry-bench-sa /var/run; \
+         mkdir -p {SERVICE_ACCOUNT_MOUNT}; cp \"$1\"/token \"$1\"/ca.crt \"$1\"/namespace \
+         {SERVICE_ACCOUNT_MOUNT}/; shift; exec \"$@\""
+    );
+    let id = PROXY_UID.to_string();
+    let mut v: Vec<String> = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &script,
+        "sh",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    v.push(sa.display().to_string());
+    v.extend([
+        // Only the in-cluster configuration: no kubeconfig from the caller's environment.
+        "env".to_owned(),
+        "-u".to_owned(),
+        "KUBECONFIG".to_owned(),
+        "setpriv".to_owned(),
+        format!("--reuid={id}"),
+        format!("--regid={id}"),
+        "--clear-groups".to_owned(),
+    ]);
+    v.extend(argv);
+    v
+}
+
+/// Whether `path` runs ferry's sidecars.
+pub fn is_ferry(path: &str) -> bool {
+    path == "ferry" || path == FERRY_L4
+}
+
+/// Start one sidecar per pod for `path` ("ferry", "ferry-l4", "nginx" or "haproxy"); returns when both
 /// listen (and, for ferry, report ready: configuration synced).
 pub fn start(
     path: &str,
@@ -188,20 +271,24 @@ pub fn start(
         let place = Place {
             netns: ns,
             cpus: &t.sut_cpus,
-            uid: Some(PROXY_UID),
+            // ferry becomes uid 1337 itself, after its service account is mounted (as root).
+            uid: (!is_ferry(path)).then_some(PROXY_UID),
         };
         let s = |v: &str| v.to_owned();
         let (argv, env): (Vec<String>, Vec<(String, String)>) = match path {
-            "ferry" => (
-                vec![
-                    cars.proxy.display().to_string(),
-                    s("proxy"),
-                    s("sidecar"),
-                    s("--concurrency"),
-                    s("1"),
-                    s("--proxyLogLevel=warning"),
-                    format!("--scheduling={}", cars.scheduling),
-                ],
+            "ferry" | FERRY_L4 => (
+                with_service_account(
+                    &cars.service_account,
+                    vec![
+                        cars.proxy.display().to_string(),
+                        s("proxy"),
+                        s("sidecar"),
+                        s("--concurrency"),
+                        s("1"),
+                        s("--proxyLogLevel=warning"),
+                        format!("--scheduling={}", cars.scheduling),
+                    ],
+                ),
                 vec![
                     (s("POD_NAME"), format!("{role}-0")),
                     (s("POD_NAMESPACE"), s(NAMESPACE)),
@@ -215,7 +302,8 @@ pub fn start(
                             s("app")
                         },
                     ),
-                    (s("KUBECONFIG"), cars.kubeconfig.display().to_string()),
+                    (s("KUBERNETES_SERVICE_HOST"), s(API_HOST)),
+                    (s("KUBERNETES_SERVICE_PORT"), API_PORT.to_string()),
                     (s("HOME"), work.display().to_string()),
                 ],
             ),
@@ -255,7 +343,7 @@ pub fn start(
                 return Err(format!("{path}: {e}\n{}", logs.join("\n")));
             }
         }
-        if path == "ferry" {
+        if is_ferry(path) {
             ready(ns, cars)?;
         }
     }
@@ -291,6 +379,24 @@ fn ready(ns: &str, cars: &Sidecars) -> Result<(), String> {
             _ => std::thread::sleep(Duration::from_millis(100)),
         }
     }
+}
+
+/// The sum of every series of a Prometheus metric (`name` with any labels) from ferry's
+/// metrics port in `ns`; `Some(0.0)` when the metric has no series yet.
+pub fn metric_total(ns: &str, cars: &Sidecars, name: &str) -> Option<f64> {
+    let text = get_in(ns, cars, "127.0.0.1:15090", "/stats/prometheus").ok()?;
+    if !text.starts_with("200") {
+        return None;
+    }
+    Some(
+        text.lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+            })
+            .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<f64>().ok())
+            .sum(),
+    )
 }
 
 /// A Prometheus gauge or counter value from ferry's metrics port in `ns`.

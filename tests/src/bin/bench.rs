@@ -22,11 +22,14 @@ gives medians. Writes results.json, summary.md and plot.png to --out. Needs root
 creates is removed at the end (and at the start of the next run)."
 )]
 struct Args {
-    /// Paths to compare, in order (direct = no sidecars, the physical limit)
+    /// Paths to compare, in order: direct (no sidecars, the physical limit), ferry, ferry-l4
+    /// (ferry with the app's ports declared as TCP: bytes relayed unparsed, the floor an
+    /// HTTP-aware sidecar is held to; not in the tcp, routes-1k and config-churn scenarios),
+    /// nginx, haproxy
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "direct,ferry,nginx,haproxy"
+        default_value = "direct,ferry,ferry-l4,nginx,haproxy"
     )]
     paths: Vec<String>,
     /// Scenarios: h1-fixed, h1-max, h2-fixed, h2-max, tcp, conn-churn, routes-1k, config-churn
@@ -99,9 +102,12 @@ fn run(args: Args) -> Result<ExitCode, String> {
     };
     let (flamegraph, scenarios) = (scenarios(&args.flamegraph)?, scenarios(&args.scenarios)?);
     for p in &args.paths {
-        if !matches!(p.as_str(), "direct" | "ferry" | "nginx" | "haproxy") {
+        if !matches!(
+            p.as_str(),
+            "direct" | "ferry" | ferry_tests::bench::peers::FERRY_L4 | "nginx" | "haproxy"
+        ) {
             return Err(format!(
-                "unknown path {p:?} (direct, ferry, nginx, haproxy)"
+                "unknown path {p:?} (direct, ferry, ferry-l4, nginx, haproxy)"
             ));
         }
     }
