@@ -78,6 +78,19 @@ fn tmpdir(name: &str) -> PathBuf {
     d
 }
 
+/// Connect to the proxy's `listener` and, sending nothing, read a server-first `expected`
+/// greeting (within 10 s, else `stalled`); the connection.
+async fn greeting(listener: SocketAddr, expected: &[u8], stalled: &str) -> TcpStream {
+    let mut s = TcpStream::connect(local(listener)).await.expect("connect");
+    let mut got = vec![0u8; expected.len()];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut got))
+        .await
+        .expect(stalled)
+        .expect("read");
+    assert_eq!(got, expected);
+    s
+}
+
 fn registry(service_ip: &str, port: u16, endpoints: &[SocketAddr], port_name: &str) -> String {
     let eps: Vec<String> = endpoints
         .iter()
@@ -121,15 +134,12 @@ async fn opaque_tcp_with_half_close_and_server_first_without_stall() {
     // A server that speaks first: the client says nothing and still gets the greeting.
     let greeter = upstream::server_first(b"220 smtp ready\r\n").await;
     let p2 = proxy(greeter, None, OutboundPolicy::AllowAny).await;
-    let mut s = TcpStream::connect(local(p2.running.addrs.outbound))
-        .await
-        .expect("connect");
-    let mut greet = [0u8; 16];
-    tokio::time::timeout(Duration::from_secs(3), s.read_exact(&mut greet))
-        .await
-        .expect("greeting did not stall")
-        .expect("read");
-    assert_eq!(&greet, b"220 smtp ready\r\n");
+    greeting(
+        p2.running.addrs.outbound,
+        b"220 smtp ready\r\n",
+        "greeting stalled",
+    )
+    .await;
     let m = p.running.metrics.encode();
     assert!(
         m.contains("istio_tcp_connections_opened_total{reporter=\"source\""),
@@ -615,13 +625,12 @@ async fn declared_tcp_ports_are_relayed_unsniffed_inbound_and_to_pod_ips() {
     let p = start(cfg, greeter).await;
     ready(&p).await;
     for listener in [p.running.addrs.inbound, p.running.addrs.outbound] {
-        let mut s = TcpStream::connect(local(listener)).await.expect("connect");
-        let mut greet = [0u8; 19];
-        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut greet))
-            .await
-            .expect("the greeting waited for the client: the declared port was sniffed")
-            .expect("read");
-        assert_eq!(&greet, b"* OK custom ready\r\n");
+        let mut s = greeting(
+            listener,
+            b"* OK custom ready\r\n",
+            "the greeting waited for the client: the declared port was sniffed",
+        )
+        .await;
         // Bytes that look like HTTP go through as they are.
         s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
             .await
