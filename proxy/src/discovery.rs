@@ -436,9 +436,15 @@ impl Snapshot {
                 }
             }
             for (addr, protocol) in members {
-                snap.by_endpoint
+                let entry = snap
+                    .by_endpoint
                     .entry(addr)
                     .or_insert_with(|| (svc.clone(), protocol));
+                // Service ports that disagree on a pod port (`http` in one service, `tcp-*` in
+                // another) declare nothing: it is sniffed, as an undeclared port is.
+                if entry.1 != protocol {
+                    entry.1 = Protocol::Unknown;
+                }
             }
             for h in [
                 format!("{name}.{ns}.svc.{domain}"),
@@ -562,8 +568,8 @@ impl Snapshot {
             .map(|(s, _)| s.clone())
     }
 
-    /// The protocol declared for a pod IP:port by the service port it is an endpoint of, ready
-    /// or not (Unknown when it is none's): what an inbound connection, or an outbound one dialled to
+    /// The protocol declared for a pod IP:port by the service ports it is an endpoint of, ready
+    /// or not (Unknown when it is none's, or when they disagree): what an inbound connection, or an outbound one dialled to
     /// a pod IP, is served as. Istio's inbound listener picks its filter chain by the pod's
     /// service ports the same way, and outbound a declared HTTP port has its own listener and
     /// a declared TCP port's pod IPs pass through unsniffed.
@@ -680,6 +686,19 @@ apiVersion: v1
 kind: Pod
 metadata: {name: reviews-v1-0, namespace: shop, labels: {app: reviews}}
 status: {podIP: 10.1.0.1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews-raw, namespace: shop}
+spec: {clusterIP: 10.96.1.11, ports: [{name: tcp-raw, port: 9000, targetPort: 9090}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: reviews-raw-1, namespace: shop, labels: {kubernetes.io/service-name: reviews-raw}}
+addressType: IPv4
+ports: [{name: tcp-raw, port: 9090}]
+endpoints:
+- {addresses: ["10.1.0.1"], conditions: {ready: true}}
 "#;
         serde_yaml::Deserializer::from_str(yaml)
             .map(|d| serde::Deserialize::deserialize(d).expect("doc"))
@@ -733,7 +752,11 @@ status: {podIP: 10.1.0.1}
             Protocol::Http,
             "targetPort of http"
         );
-        assert_eq!(declared("10.1.0.1:9090"), Protocol::Grpc);
+        assert_eq!(
+            declared("10.1.0.1:9090"),
+            Protocol::Unknown,
+            "grpc-api in one service, tcp-raw in another: sniffed"
+        );
         assert_eq!(
             declared("10.1.0.1:7777"),
             Protocol::Unknown,

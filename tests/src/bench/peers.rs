@@ -186,9 +186,9 @@ const SERVICE_ACCOUNT_MOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccou
 
 /// Write the service account files a pod's containers see (token, the cluster's CA, namespace)
 /// to `dir`. ferry reads them through its in-cluster configuration, as in a pod: HTTPS to
-/// `KUBERNETES_SERVICE_HOST`, trusting only the fake cluster's CA, a bearer token (so the
-/// sidecars run the code they run in a cluster; a kubeconfig would add a YAML parser's start-up
-/// code, and the system's root certificates were loaded over plain HTTP).
+/// `KUBERNETES_SERVICE_HOST`, trusting only the fake cluster's CA, with the bearer token. So
+/// the sidecars run the start-up code they run in a cluster (a kubeconfig would add kube-rs's
+/// YAML parser, which a pod's sidecar never runs).
 pub fn service_account(dir: &Path, ca_pem: &str) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     for (name, text) in [
