@@ -569,10 +569,10 @@ impl Snapshot {
     }
 
     /// The protocol declared for a pod IP:port by the service ports it is an endpoint of, ready
-    /// or not (Unknown when it is none's, or when they disagree): what an inbound connection, or an outbound one dialled to
-    /// a pod IP, is served as. Istio's inbound listener picks its filter chain by the pod's
-    /// service ports the same way, and outbound a declared HTTP port has its own listener and
-    /// a declared TCP port's pod IPs pass through unsniffed.
+    /// or not (Unknown when it is none's, or when they disagree): what an inbound connection,
+    /// or an outbound one dialled to a pod IP, is served as. Istio's inbound listener picks its
+    /// filter chain by the pod's service ports the same way, and outbound a declared HTTP port
+    /// has its own listener and a declared TCP port's pod IPs pass through unsniffed.
     pub fn endpoint_protocol(&self, addr: SocketAddr) -> Protocol {
         self.by_endpoint
             .get(&SocketAddr::new(addr.ip().to_canonical(), addr.port()))
