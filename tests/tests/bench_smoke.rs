@@ -84,11 +84,12 @@ fn the_suite_measures_every_cell_through_real_sidecars() {
         if r.path.starts_with("ferry") {
             // Both sidecars were found and sampled (uid 1337 in the two pods).
             assert_eq!(r.usage.procs, 2, "{what}: {:?}", r.usage);
-            assert!(
-                r.idle_rss_mib > 0.0 && r.usage.cpu_s > 0.0,
-                "{what}: {:?}",
-                r.usage
-            );
+            assert!(r.idle_rss_mib > 0.0, "{what}: {:?}", r.usage);
+        }
+        if r.path == "ferry" {
+            // The kernel counts CPU in 10 ms ticks: ferry-l4 relaying 200 requests in a second
+            // can stay under one, the HTTP path does not.
+            assert!(r.usage.cpu_s > 0.0, "{what}: {:?}", r.usage);
         }
     }
     let churn = records
