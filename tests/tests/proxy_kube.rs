@@ -64,11 +64,30 @@ async fn eventually<F: Fn() -> Fut, Fut: std::future::Future<Output = bool>>(wha
     panic!("timed out waiting for: {what}");
 }
 
-/// After `wait`, the proxy is still not ready, and says it waits for the initial sync.
-async fn assert_not_synced(p: &Running, wait: Duration, what: &str) {
+/// Start a proxy on `kubeconfig` and wait until it is ready (`what` if it never is). The proxy
+/// and its stop switch.
+async fn proxy_synced(
+    kubeconfig: &std::path::Path,
+    what: &str,
+) -> (Running, tokio::sync::watch::Sender<bool>) {
+    let (p, stop) = proxy(kubeconfig).await;
+    let r = &p.readiness;
+    eventually(what, || async { r.check().is_ok() }).await;
+    (p, stop)
+}
+
+/// Start a proxy on `kubeconfig`; after `wait` it is still not ready, and says it waits for the
+/// initial sync. The proxy and its stop switch.
+async fn proxy_not_synced(
+    kubeconfig: &std::path::Path,
+    wait: Duration,
+    what: &str,
+) -> (Running, tokio::sync::watch::Sender<bool>) {
+    let (p, stop) = proxy(kubeconfig).await;
     tokio::time::sleep(wait).await;
     let why = p.readiness.check().expect_err(what);
     assert!(why.contains("initial configuration sync"), "{why}");
+    (p, stop)
 }
 
 fn write_kubeconfig(addr: SocketAddr, name: &str) -> std::path::PathBuf {
@@ -92,9 +111,8 @@ async fn watches_drive_the_snapshot_through_sync_updates_410_and_outages() {
         l.local_addr().expect("addr")
     };
     let kc = write_kubeconfig(addr, "main");
-    let (p, stop) = proxy(&kc).await;
-    assert_not_synced(
-        &p,
+    let (p, stop) = proxy_not_synced(
+        &kc,
         Duration::from_millis(300),
         "not ready without the API server",
     )
@@ -168,9 +186,7 @@ async fn missing_istio_crds_do_not_block_readiness() {
     api.apply(service());
     let (addr, server) = api.start(None).await;
     let kc = write_kubeconfig(addr, "nocrd");
-    let (p, stop) = proxy(&kc).await;
-    let r = &p.readiness;
-    eventually("ready without Istio CRDs", || async { r.check().is_ok() }).await;
+    let (p, stop) = proxy_synced(&kc, "ready without Istio CRDs").await;
     assert_eq!(p.snapshot.borrow().services.len(), 1);
     server.abort();
     let _ = stop.send(true);
@@ -241,9 +257,7 @@ async fn discovery_over_tls_trusts_only_the_kubeconfig_ca() {
     let (pki, api, addr, server) = tls_api_server("127.0.0.1").await;
     let kc = write_kubeconfig(addr, "tls");
     std::fs::write(&kc, FakeApiServer::kubeconfig_tls(addr, &pki.ca_pem())).expect("write");
-    let (p, stop) = proxy(&kc).await;
-    let r = &p.readiness;
-    eventually("ready over TLS", || async { r.check().is_ok() }).await;
+    let (p, stop) = proxy_synced(&kc, "ready over TLS").await;
     assert_eq!(p.snapshot.borrow().services.len(), 1);
     // The server offers HTTP/2 (ALPN), as kube-apiserver does: every list and watch went over
     // it, as streams of one connection (over HTTP/1.1 each watch holds a connection of its own).
@@ -259,9 +273,8 @@ async fn discovery_over_tls_trusts_only_the_kubeconfig_ca() {
     // The same server, but the kubeconfig trusts another CA: the handshake fails, nothing syncs.
     let other = ferry_tests::tls::Pki::new("another-ca");
     std::fs::write(&kc, FakeApiServer::kubeconfig_tls(addr, &other.ca_pem())).expect("write");
-    let (p, stop) = proxy(&kc).await;
-    assert_not_synced(
-        &p,
+    let (p, stop) = proxy_not_synced(
+        &kc,
         Duration::from_millis(1500),
         "not ready: the API server's certificate is not trusted",
     )
@@ -282,9 +295,8 @@ async fn discovery_over_tls_honours_tls_server_name() {
 
     // Without the name, the certificate does not match the address: nothing syncs.
     std::fs::write(&kc, &plain).expect("write");
-    let (p, stop) = proxy(&kc).await;
-    assert_not_synced(
-        &p,
+    let (_running, stop) = proxy_not_synced(
+        &kc,
         Duration::from_millis(1500),
         "not ready: the certificate names kubernetes.default.svc, not the address",
     )
@@ -297,9 +309,7 @@ async fn discovery_over_tls_honours_tls_server_name() {
     );
     assert_ne!(named, plain, "kubeconfig layout changed");
     std::fs::write(&kc, named).expect("write");
-    let (p, stop) = proxy(&kc).await;
-    let r = &p.readiness;
-    eventually("ready with tls-server-name", || async { r.check().is_ok() }).await;
+    let (p, stop) = proxy_synced(&kc, "ready with tls-server-name").await;
     assert_eq!(p.snapshot.borrow().services.len(), 1);
     server.abort();
     let _ = stop.send(true);

@@ -469,17 +469,17 @@ fn one(
 /// connections through `ferry-l4` (its figures would otherwise be the HTTP path's), read from
 /// the two sidecars' own metrics.
 fn checked_layer(t: &Topology, cars: &Sidecars, path: &str) -> Result<(), String> {
-    let total = |name: &str| -> Result<f64, String> {
-        [&t.client_ns, &t.server_ns]
-            .into_iter()
-            .map(|ns| {
-                peers::metric_total(ns, cars, name)
-                    .ok_or_else(|| format!("no {name} from the sidecar in {ns}"))
-            })
-            .sum()
-    };
-    let requests = total("istio_requests_total")?;
-    let relayed = total("istio_tcp_connections_opened_total")?;
+    let (mut requests, mut relayed) = (0.0, 0.0);
+    for ns in [&t.client_ns, &t.server_ns] {
+        let [r, c] = peers::metric_totals(
+            ns,
+            cars,
+            ["istio_requests_total", "istio_tcp_connections_opened_total"],
+        )
+        .ok_or_else(|| format!("no metrics from the sidecar in {ns}"))?;
+        requests += r;
+        relayed += c;
+    }
     let l4 = path == peers::FERRY_L4;
     if l4 && (requests > 0.0 || relayed == 0.0) || !l4 && requests == 0.0 {
         return Err(format!(

@@ -381,22 +381,26 @@ fn ready(ns: &str, cars: &Sidecars) -> Result<(), String> {
     }
 }
 
-/// The sum of every series of a Prometheus metric (`name` with any labels) from ferry's
-/// metrics port in `ns`; `Some(0.0)` when the metric has no series yet.
-pub fn metric_total(ns: &str, cars: &Sidecars, name: &str) -> Option<f64> {
+/// For each of `names`, the sum of every series of that Prometheus metric (any labels; 0 when
+/// it has none yet), from one scrape of ferry's metrics port in `ns`.
+pub fn metric_totals<const N: usize>(
+    ns: &str,
+    cars: &Sidecars,
+    names: [&str; N],
+) -> Option<[f64; N]> {
     let text = get_in(ns, cars, "127.0.0.1:15090", "/stats/prometheus").ok()?;
     if !text.starts_with("200") {
         return None;
     }
-    Some(
+    Some(names.map(|name| {
         text.lines()
             .filter(|l| {
                 l.strip_prefix(name)
                     .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
             })
             .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<f64>().ok())
-            .sum(),
-    )
+            .sum()
+    }))
 }
 
 /// A Prometheus gauge or counter value from ferry's metrics port in `ns`.
