@@ -32,6 +32,10 @@ fn the_suite_measures_every_cell_through_real_sidecars() {
         return;
     }
     let out = std::env::temp_dir().join(format!("ferry-bench-smoke-{}", std::process::id()));
+    let host_congestion = || {
+        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control").expect("host sysctl")
+    };
+    let host_before = host_congestion();
     let run = Command::new(workspace_bin("ferry-bench"))
         .args([
             "--repeat",
@@ -53,6 +57,10 @@ fn the_suite_measures_every_cell_through_real_sidecars() {
             "",
             "--sut-cpus",
             "",
+            // Reno is built into every kernel (no module to load); the host's default is
+            // usually cubic or bbr, so the setting is seen to take.
+            "--tcp-congestion",
+            "reno",
             "--out",
         ])
         .arg(&out)
@@ -106,6 +114,12 @@ fn the_suite_measures_every_cell_through_real_sidecars() {
         summary.contains("## Targets") && summary.contains("| h2-max | requests/s |"),
         "{summary}"
     );
+    // Read back from the pods, set in their namespaces only.
+    assert!(
+        summary.contains("TCP congestion control in the pods: reno."),
+        "{summary}"
+    );
+    assert_eq!(host_congestion(), host_before, "the host's setting changed");
     // The profiled run: folded stacks with the proxy's own code, drawn; perf's raw file removed.
     let folded = std::fs::read_to_string(out.join("flame-h2-max.folded")).expect("folded stacks");
     let samples: u64 = folded

@@ -122,6 +122,8 @@ pub struct Opts {
     pub init: PathBuf,
     pub netcheck: PathBuf,
     pub scheduling: String,
+    /// The pods' TCP congestion control ("" = the kernel's default for a new namespace).
+    pub tcp_congestion: String,
     pub plot: Option<PathBuf>,
     /// Scenarios to profile after the measured runs: one more run each through ferry under
     /// `perf record`, drawn as `flame-<scenario>.svg` (its numbers are not reported: perf
@@ -204,11 +206,24 @@ impl Api {
     }
 }
 
+/// What a run measured, and the conditions that are not options.
+pub struct Outcome {
+    pub records: Vec<Record>,
+    /// The pods' TCP congestion control, as read back from them.
+    pub congestion: String,
+}
+
 /// Run everything; records as they come (also written to `out/results.json`).
-pub fn run(opts: &Opts) -> Result<Vec<Record>, String> {
+pub fn run(opts: &Opts) -> Result<Outcome, String> {
     std::fs::create_dir_all(&opts.out).map_err(|e| format!("{}: {e}", opts.out.display()))?;
     let state = opts.out.join("state");
-    let t = Topology::up("fbench", "10.77.0", &state, &opts.sut_cpus)?;
+    let t = Topology::up(
+        "fbench",
+        "10.77.0",
+        &state,
+        &opts.sut_cpus,
+        &opts.tcp_congestion,
+    )?;
     let api = Api::start(&t)?;
     let service_account = state.join("serviceaccount");
     peers::service_account(&service_account, &api.ca_pem)?;
@@ -257,9 +272,13 @@ pub fn run(opts: &Opts) -> Result<Vec<Record>, String> {
             None => eprintln!("    {}", base.with_extension("svg").display()),
         }
     }
+    let congestion = t.congestion.clone();
     drop(api);
     drop(t);
-    Ok(records)
+    Ok(Outcome {
+        records,
+        congestion,
+    })
 }
 
 /// `perf record` of the sidecar processes, from `start` until `finish`.
@@ -616,7 +635,7 @@ impl Churn {
 }
 
 /// The report's header: when, on what, with which tools and options.
-pub fn header(opts: &Opts) -> String {
+pub fn header(opts: &Opts, congestion: &str) -> String {
     let sh = |c: &str| {
         // Some tools print their version and exit non-zero (wrk -v).
         topo::run(&["sh", "-c", &format!("{c}; true")])
@@ -632,7 +651,7 @@ pub fn header(opts: &Opts) -> String {
         "# ferry-bench {}\n\n\
          Machine: {cpu}, {} CPUs, {} GiB, Linux {}. Tools: {}; {}; {}; {}; {}.\n\
          Load generator on CPU {}, app and both sidecars on CPU {}; one worker per sidecar; \
-         ferry-proxy --scheduling={}. {} run(s) of {} s per cell after {} s of warm-up; fixed \
+         ferry-proxy --scheduling={}; TCP congestion control in the pods: {congestion}. {} run(s) of {} s per cell after {} s of warm-up; fixed \
          rate {} requests/s over 4 connections; 1 KiB responses. Medians over runs.\n",
         sh("date -u '+%Y-%m-%d %H:%M UTC'"),
         sh("nproc"),

@@ -134,6 +134,24 @@ pub fn tail(path: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// The TCP congestion control, a per-namespace setting a new namespace copies from the host.
+const CONGESTION: &str = "net.ipv4.tcp_congestion_control";
+
+/// Set a sysctl inside `ns`.
+fn sysctl(ns: &str, key: &str, value: &str) -> Result<(), String> {
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "sysctl",
+        "-q",
+        "-w",
+        &format!("{key}={value}"),
+    ])
+    .map(drop)
+}
+
 /// The two pods.
 pub struct Topology {
     pub client_ns: String,
@@ -142,16 +160,21 @@ pub struct Topology {
     pub server_ip: String,
     pub state: PathBuf,
     pub sut_cpus: String,
+    /// The pods' TCP congestion control (`net.ipv4.tcp_congestion_control`, per namespace).
+    pub congestion: String,
     app: Vec<Proc>,
 }
 
 impl Topology {
-    /// Create both namespaces, the link, and start the app (pinned to `sut_cpus`).
+    /// Create both namespaces, the link, and start the app (pinned to `sut_cpus`). `congestion`
+    /// sets the pods' TCP congestion control; empty keeps the kernel's choice for a new
+    /// namespace (the host's default).
     pub fn up(
         prefix: &str,
         subnet: &str,
         state: &Path,
         sut_cpus: &str,
+        congestion: &str,
     ) -> Result<Topology, String> {
         let (client_ns, server_ns) = (format!("{prefix}-client"), format!("{prefix}-server"));
         Self::remove(&client_ns, &server_ns);
@@ -163,6 +186,7 @@ impl Topology {
             server_ns,
             state: state.to_owned(),
             sut_cpus: sut_cpus.to_owned(),
+            congestion: String::new(),
             app: Vec::new(),
         };
         for ns in [&t.client_ns, &t.server_ns] {
@@ -176,18 +200,14 @@ impl Topology {
                 ("net.ipv4.ip_local_reserved_ports", "15000-15100"),
                 ("net.ipv4.tcp_tw_reuse", "1"),
             ] {
-                run(&[
-                    "ip",
-                    "netns",
-                    "exec",
-                    ns,
-                    "sysctl",
-                    "-q",
-                    "-w",
-                    &format!("{k}={v}"),
-                ])?;
+                sysctl(ns, k, v)?;
+            }
+            if !congestion.is_empty() {
+                sysctl(ns, CONGESTION, congestion)
+                    .map_err(|e| format!("--tcp-congestion {congestion}: {e}"))?;
             }
         }
+        t.congestion = t.pods_congestion()?;
         run(&[
             "ip",
             "-n",
@@ -218,6 +238,21 @@ impl Topology {
         }
         t.start_app()?;
         Ok(t)
+    }
+
+    /// The congestion control both pods use (they must agree: one figure per run).
+    fn pods_congestion(&self) -> Result<String, String> {
+        let read = |ns: &str| {
+            run(&["ip", "netns", "exec", ns, "sysctl", "-n", CONGESTION])
+                .map(|v| v.trim().to_owned())
+        };
+        let (c, s) = (read(&self.client_ns)?, read(&self.server_ns)?);
+        if c != s {
+            return Err(format!(
+                "the pods' TCP congestion control differs: {c} (client), {s} (server)"
+            ));
+        }
+        Ok(c)
     }
 
     fn start_app(&mut self) -> Result<(), String> {

@@ -63,6 +63,12 @@ struct Args {
     /// ferry-proxy's --scheduling (batch or normal)
     #[arg(long, default_value = "batch")]
     scheduling: String,
+    /// TCP congestion control in both pods (net.ipv4.tcp_congestion_control, set per network
+    /// namespace; the host is not touched). Default: what the kernel gives a new namespace, the
+    /// host's default. It shapes the results: the app's and the sidecars' segment sizes follow
+    /// it (see the README's performance section)
+    #[arg(long, default_value = "")]
+    tcp_congestion: String,
     /// Directory holding ferry-proxy, ferry-init and ferry-netcheck [default: this binary's]
     #[arg(long)]
     bin_dir: Option<PathBuf>,
@@ -167,6 +173,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
         init: bin_dir.join("ferry-init"),
         netcheck: bin_dir.join("ferry-netcheck"),
         scheduling: args.scheduling,
+        tcp_congestion: args.tcp_congestion,
         plot: args.plot,
         flamegraph,
     };
@@ -178,8 +185,11 @@ fn run(args: Args) -> Result<ExitCode, String> {
             ));
         }
     }
-    let records = bench::run(&opts)?;
-    let header = bench::header(&opts);
+    let bench::Outcome {
+        records,
+        congestion,
+    } = bench::run(&opts)?;
+    let header = bench::header(&opts, &congestion);
     let md = bench::report::markdown(&records, &opts.paths, &header);
     std::fs::write(out.join("summary.md"), &md).map_err(|e| e.to_string())?;
     println!("{md}");
