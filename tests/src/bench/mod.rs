@@ -651,8 +651,9 @@ pub fn header(opts: &Opts, congestion: &str) -> String {
         "# ferry-bench {}\n\n\
          Machine: {cpu}, {} CPUs, {} GiB, Linux {}. Tools: {}; {}; {}; {}; {}.\n\
          Load generator on CPU {}, app and both sidecars on CPU {}; one worker per sidecar; \
-         ferry-proxy --scheduling={}; TCP congestion control in the pods: {congestion}. {} run(s) of {} s per cell after {} s of warm-up; fixed \
-         rate {} requests/s over 4 connections; 1 KiB responses. Medians over runs.\n",
+         ferry-proxy --scheduling={}; TCP congestion control in the pods: {congestion}. {} \
+         run(s) of {} s per cell after {} s of warm-up; fixed rate {} requests/s over 4 \
+         connections; 1 KiB responses. Medians over runs.\n",
         sh("date -u '+%Y-%m-%d %H:%M UTC'"),
         sh("nproc"),
         sh("awk '/MemTotal/ {printf \"%.1f\", $2/1048576}' /proc/meminfo"),
