@@ -563,9 +563,13 @@ impl Snapshot {
 
     /// The service an endpoint (pod IP:port) belongs to (inbound metrics).
     pub fn service_for_endpoint(&self, addr: SocketAddr) -> Option<Arc<Service>> {
+        self.endpoint(addr).map(|(s, _)| s.clone())
+    }
+
+    /// The entry for a pod IP:port (an IPv4-mapped IPv6 address counts as its IPv4 one).
+    fn endpoint(&self, addr: SocketAddr) -> Option<&(Arc<Service>, Protocol)> {
         self.by_endpoint
             .get(&SocketAddr::new(addr.ip().to_canonical(), addr.port()))
-            .map(|(s, _)| s.clone())
     }
 
     /// The protocol declared for a pod IP:port by the service ports it is an endpoint of, ready
@@ -574,9 +578,7 @@ impl Snapshot {
     /// filter chain by the pod's service ports the same way, and outbound a declared HTTP port
     /// has its own listener and a declared TCP port's pod IPs pass through unsniffed.
     pub fn endpoint_protocol(&self, addr: SocketAddr) -> Protocol {
-        self.by_endpoint
-            .get(&SocketAddr::new(addr.ip().to_canonical(), addr.port()))
-            .map_or(Protocol::Unknown, |(_, p)| *p)
+        self.endpoint(addr).map_or(Protocol::Unknown, |(_, p)| *p)
     }
 
     pub fn workload(&self, ip: IpAddr) -> Option<Arc<Workload>> {

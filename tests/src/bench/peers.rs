@@ -208,8 +208,8 @@ pub fn service_account(dir: &Path, ca_pem: &str) -> Result<(), String> {
 fn with_service_account(sa: &Path, argv: Vec<String>) -> Vec<String> {
     let script = format!(
         "set -e; mount -t tmpfs -o size=1m,mode=0755 ferry-bench-sa /var/run; \
-         mkdir -p {SERVICE_ACCOUNT_MOUNT}; cp \"$1\"/token \"$1\"/ca.crt \"$1\"/namespace \
-         {SERVICE_ACCOUNT_MOUNT}/; shift; exec \"$@\""
+         mkdir -p {SERVICE_ACCOUNT_MOUNT}; cp \"$1\"/* {SERVICE_ACCOUNT_MOUNT}/; shift; \
+         exec \"$@\""
     );
     let id = PROXY_UID.to_string();
     let mut v: Vec<String> = [
@@ -381,6 +381,13 @@ fn ready(ns: &str, cars: &Sidecars) -> Result<(), String> {
     }
 }
 
+/// One scrape of ferry's metrics port in `ns` (a 200 response: status line, then the text).
+fn scrape(ns: &str, cars: &Sidecars) -> Option<String> {
+    get_in(ns, cars, "127.0.0.1:15090", "/stats/prometheus")
+        .ok()
+        .filter(|text| text.starts_with("200"))
+}
+
 /// For each of `names`, the sum of every series of that Prometheus metric (any labels; 0 when
 /// it has none yet), from one scrape of ferry's metrics port in `ns`.
 pub fn metric_totals<const N: usize>(
@@ -388,10 +395,7 @@ pub fn metric_totals<const N: usize>(
     cars: &Sidecars,
     names: [&str; N],
 ) -> Option<[f64; N]> {
-    let text = get_in(ns, cars, "127.0.0.1:15090", "/stats/prometheus").ok()?;
-    if !text.starts_with("200") {
-        return None;
-    }
+    let text = scrape(ns, cars)?;
     Some(names.map(|name| {
         text.lines()
             .filter(|l| {
@@ -405,8 +409,8 @@ pub fn metric_totals<const N: usize>(
 
 /// A Prometheus gauge or counter value from ferry's metrics port in `ns`.
 pub fn metric(ns: &str, cars: &Sidecars, name: &str) -> Option<f64> {
-    let text = get_in(ns, cars, "127.0.0.1:15090", "/stats/prometheus").ok()?;
-    text.lines()
+    scrape(ns, cars)?
+        .lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
